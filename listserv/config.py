@@ -1,0 +1,200 @@
+"""Settings from a TOML file, with environment overrides for secrets and deployment.
+
+Every key has a default, so an empty file is a valid configuration. Unknown
+sections or keys, and values of the wrong type, are errors that name the key:
+a typo in a config file must not silently fall back to a default.
+
+Environment: ``LISTSERV_CONFIG`` names the file; ``LISTSERV_<SECTION>_<KEY>``
+overrides one key (e.g. ``LISTSERV_DELIVERY_PASSWORD``, ``LISTSERV_DATABASE_URL``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from listserv.errors import ConfigError
+
+DEFAULT_CONFIG = Path("config/listserv.toml")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8025
+    hostname: str = "localhost"
+    max_message_size: int = 10 * 1024 * 1024
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatabaseSettings:
+    url: str = "sqlite:///var/listserv.db"
+    echo: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeliverySettings:
+    host: str = "127.0.0.1"
+    port: int = 25
+    max_recipients_per_message: int = 500
+    max_connections: int = 4
+    starttls: bool = False
+    username: str = ""
+    password: str = ""
+    timeout: float = 60.0
+    retry_initial: float = 300.0
+    retry_factor: float = 2.0
+    retry_max_interval: float = 4 * 3600.0
+    retry_give_up_after: float = 5 * 24 * 3600.0
+    lease_seconds: float = 300.0
+    poll_interval: float = 1.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class DkimSettings:
+    keys_dir: str = "var/dkim"
+
+
+@dataclass(frozen=True, kw_only=True)
+class HttpSettings:
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8080
+    public_base_url: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoggingSettings:
+    level: str = "INFO"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    delivery: DeliverySettings = field(default_factory=DeliverySettings)
+    dkim: DkimSettings = field(default_factory=DkimSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+    source: str = "(defaults)"
+
+    @property
+    def keys_dir(self) -> Path:
+        return Path(self.dkim.keys_dir)
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    f.name: typing.get_type_hints(Settings)[f.name]
+    for f in dataclasses.fields(Settings)
+    if f.name != "source"
+}
+
+
+def load(
+    path: str | Path | None = None, *, env: typing.Mapping[str, str] | None = None
+) -> Settings:
+    """Load the given path, else $LISTSERV_CONFIG, else config/listserv.toml if present."""
+    env = os.environ if env is None else env
+    explicit = path is not None or "LISTSERV_CONFIG" in env
+    config_path = Path(path if path is not None else env.get("LISTSERV_CONFIG", DEFAULT_CONFIG))
+    data: dict[str, Any] = {}
+    if config_path.is_file():
+        try:
+            data = tomllib.loads(config_path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{config_path}: not valid TOML: {exc}") from exc
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{config_path}: cannot read: {exc}") from exc
+    elif explicit:
+        raise ConfigError(f"{config_path}: config file not found")
+    return from_dict(
+        data, env=env, source=str(config_path) if config_path.is_file() else "(defaults)"
+    )
+
+
+def from_dict(
+    data: dict[str, Any], *, env: typing.Mapping[str, str] | None = None, source: str = "(dict)"
+) -> Settings:
+    env = {} if env is None else env
+    sections: dict[str, Any] = {}
+    for name in data:
+        if name not in _SECTIONS:
+            raise ConfigError(f"{source}: unknown section [{name}]")
+        if not isinstance(data[name], dict):
+            raise ConfigError(f"{source}: [{name}] must be a table")
+    for name, cls in _SECTIONS.items():
+        values = dict(data.get(name, {}))
+        hints = typing.get_type_hints(cls)
+        for key in values:
+            if key not in hints:
+                raise ConfigError(f"{source}: unknown key '{key}' in [{name}]")
+        for key, hint in hints.items():
+            env_name = f"LISTSERV_{name.upper()}_{key.upper()}"
+            if env_name in env:
+                values[key] = _from_env(env[env_name], hint, env_name)
+            if key in values:
+                values[key] = _check(values[key], hint, f"{source}: [{name}] {key}")
+        sections[name] = cls(**values)
+    settings = Settings(**sections, source=source)
+    _validate(settings)
+    return settings
+
+
+def _from_env(raw: str, hint: Any, env_name: str) -> Any:
+    if hint is bool:
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off", ""):
+            return False
+        raise ConfigError(f"${env_name}: expected true or false, got {raw!r}")
+    if hint in (int, float):
+        try:
+            return hint(raw)
+        except ValueError:
+            raise ConfigError(f"${env_name}: expected a number, got {raw!r}") from None
+    return raw
+
+
+def _check(value: Any, hint: Any, where: str) -> Any:
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    expected = hint if isinstance(hint, type) else None
+    if isinstance(hint, types.UnionType):
+        expected = None
+    if expected is not None and (
+        not isinstance(value, expected) or (expected is int and isinstance(value, bool))
+    ):
+        raise ConfigError(f"{where}: expected {expected.__name__}, got {value!r}")
+    return value
+
+
+def _validate(s: Settings) -> None:
+    def positive(section: str, key: str, value: float) -> None:
+        if value <= 0:
+            raise ConfigError(f"{s.source}: [{section}] {key}: must be greater than 0")
+
+    if not 0 <= s.server.port <= 65535:
+        raise ConfigError(f"{s.source}: [server] port: must be 0..65535")
+    if not 0 <= s.http.port <= 65535:
+        raise ConfigError(f"{s.source}: [http] port: must be 0..65535")
+    if not 0 < s.delivery.port <= 65535:
+        raise ConfigError(f"{s.source}: [delivery] port: must be 1..65535")
+    positive("server", "max_message_size", s.server.max_message_size)
+    positive("delivery", "max_recipients_per_message", s.delivery.max_recipients_per_message)
+    positive("delivery", "max_connections", s.delivery.max_connections)
+    positive("delivery", "timeout", s.delivery.timeout)
+    positive("delivery", "lease_seconds", s.delivery.lease_seconds)
+    positive("delivery", "poll_interval", s.delivery.poll_interval)
+    positive("delivery", "retry_factor", s.delivery.retry_factor)
+    if s.delivery.retry_initial < 0:
+        raise ConfigError(f"{s.source}: [delivery] retry_initial: must not be negative")
+    if not s.database.url:
+        raise ConfigError(f"{s.source}: [database] url: must not be empty")
+    if s.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"{s.source}: [logging] level: one of DEBUG, INFO, WARNING, ERROR")

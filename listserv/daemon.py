@@ -1,0 +1,250 @@
+"""The daemon: SMTP listener, post scheduler, delivery workers and HTTP endpoint in one loop.
+
+`Daemon.run()` returns after `stop()` (SIGTERM/SIGINT in `listserv serve`):
+the listener closes first, workers finish the batch in hand for up to
+`shutdown_timeout` seconds, and a batch still in hand after that is handed back
+to the queue untouched. Blocking work (database, signing) runs in threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from datetime import timedelta
+
+from aiohttp import web
+
+from listserv import http
+from listserv.config import Settings
+from listserv.db import Database
+from listserv.distribute import prepare, queue, sender
+from listserv.distribute.queue import ClaimedBatch, RecipientResult
+from listserv.models import DeliveryMode, MailingList, RecipientState
+from listserv.smtp_in.handler import InboundHandler, ListservSMTP
+
+log = logging.getLogger("listserv.daemon")
+
+SHUTDOWN_TIMEOUT = 30.0
+
+
+class Daemon:
+    def __init__(self, settings: Settings, db: Database | None = None) -> None:
+        self.settings = settings
+        self.db = db or Database(settings.database.url, echo=settings.database.echo)
+        self.ready = asyncio.Event()
+        self.smtp_port: int = 0
+        self.http_port: int = 0
+        self._stop = asyncio.Event()
+        self._posts_waiting = asyncio.Event()
+        self._batches_waiting = asyncio.Event()
+        self._cache: OrderedDict[int, tuple[bytes, prepare.ListView | None]] = OrderedDict()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _wake_scheduler(self) -> None:
+        self._posts_waiting.set()
+
+    async def run(self) -> None:
+        await asyncio.to_thread(self.db.check_ready)
+        freed = await asyncio.to_thread(self._release_dead_leases)
+        if freed:
+            log.info("resumed %d batches left in flight by a previous run", freed)
+        loop = asyncio.get_running_loop()
+        s = self.settings
+        handler = InboundHandler(self.db, on_accepted=self._wake_scheduler)
+        server = await loop.create_server(
+            lambda: ListservSMTP(
+                handler,
+                hostname=s.server.hostname,
+                ident="listserv",
+                data_size_limit=s.server.max_message_size,
+                enable_SMTPUTF8=True,
+            ),
+            s.server.host,
+            s.server.port,
+        )
+        self.smtp_port = server.sockets[0].getsockname()[1]
+        runner: web.AppRunner | None = None
+        if s.http.enabled:
+            runner = web.AppRunner(http.make_app(self.db), access_log=None)
+            await runner.setup()
+            site = web.TCPSite(runner, s.http.host, s.http.port)
+            await site.start()
+            self.http_port = runner.addresses[0][1]
+        log.info(
+            "listening for SMTP on %s:%d%s; delivering via %s:%d with %d connections",
+            s.server.host,
+            self.smtp_port,
+            f", HTTP on {s.http.host}:{self.http_port}" if runner else "",
+            s.delivery.host,
+            s.delivery.port,
+            s.delivery.max_connections,
+        )
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks.append(group.create_task(self._scheduler()))
+                for i in range(s.delivery.max_connections):
+                    tasks.append(group.create_task(self._worker(i)))
+                self.ready.set()
+                await self._stop.wait()
+                log.info("shutting down: no new mail accepted, finishing batches in hand")
+                server.close()
+                self._posts_waiting.set()
+                self._batches_waiting.set()
+                _done, pending = await asyncio.wait(tasks, timeout=SHUTDOWN_TIMEOUT)
+                for task in pending:
+                    task.cancel()
+        finally:
+            server.close()
+            await server.wait_closed()
+            if runner is not None:
+                await runner.cleanup()
+            self.db.dispose()
+            log.info("stopped")
+
+    # -- scheduler: accepted posts -> batches ---------------------------------------
+
+    async def _scheduler(self) -> None:
+        while not self._stop.is_set():
+            with _logged("scheduler"):
+                post_ids = await asyncio.to_thread(self._accepted_posts)
+                for post_id in post_ids:
+                    if self._stop.is_set():
+                        return
+                    started = time.perf_counter()
+                    batches = await asyncio.to_thread(
+                        prepare.queue_post, self.db, self.settings, post_id
+                    )
+                    if batches:
+                        log.debug("post %d queued in %.3fs", post_id, time.perf_counter() - started)
+                        self._batches_waiting.set()
+                if post_ids:
+                    continue
+            await _wait(self._posts_waiting, self.settings.delivery.poll_interval)
+
+    def _accepted_posts(self) -> list[int]:
+        with self.db.reading() as session:
+            return queue.accepted_posts(session)
+
+    def _release_dead_leases(self) -> int:
+        with self.db.session() as session:
+            return queue.release_dead_local_leases(session)
+
+    # -- workers: batches -> SMTP ---------------------------------------------------
+
+    async def _worker(self, index: int) -> None:
+        worker = queue.worker_id(index)
+        lease = timedelta(seconds=self.settings.delivery.lease_seconds)
+        conn = sender.Connection(self.settings.delivery, self.settings.server.hostname)
+        try:
+            while not self._stop.is_set():
+                claimed: ClaimedBatch | None = None
+                with _logged(f"worker {index}"):
+                    claimed = await asyncio.to_thread(self._claim, worker, lease)
+                if claimed is None:
+                    await _wait(self._batches_waiting, self.settings.delivery.poll_interval)
+                    continue
+                try:
+                    results = await self._deliver(conn, claimed)
+                except asyncio.CancelledError:
+                    self._release(claimed.id, worker)
+                    raise
+                except Exception as exc:
+                    log.exception(
+                        "batch %d of post %d: internal error", claimed.id, claimed.post_id
+                    )
+                    results = [
+                        RecipientResult(
+                            rid, RecipientState.DEFERRED, None, f"internal error: {exc}"
+                        )
+                        for rid, _ in claimed.recipients
+                    ]
+                await asyncio.to_thread(self._complete, claimed, results)
+        finally:
+            await conn.close()
+
+    def _claim(self, worker: str, lease: timedelta) -> ClaimedBatch | None:
+        with self.db.session() as session:
+            return queue.claim_batch(session, worker=worker, lease=lease)
+
+    def _release(self, batch_id: int, worker: str) -> None:
+        with self.db.session() as session:
+            queue.release(session, batch_id, worker)
+
+    def _complete(self, batch: ClaimedBatch, results: list[RecipientResult]) -> None:
+        with self.db.session() as session:
+            state = queue.complete_batch(session, batch.id, results, self.settings.delivery)
+        counts: dict[str, int] = {}
+        for r in results:
+            counts[r.outcome.value] = counts.get(r.outcome.value, 0) + 1
+        summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+        level = logging.INFO if counts.get("delivered") == len(results) else logging.WARNING
+        log.log(
+            level,
+            "post %d batch %d (%s, attempt %d): %s; batch %s",
+            batch.post_id,
+            batch.id,
+            batch.domain,
+            batch.attempts,
+            summary,
+            state.value,
+        )
+
+    async def _deliver(self, conn: sender.Connection, batch: ClaimedBatch) -> list[RecipientResult]:
+        message, view = await asyncio.to_thread(self._prepared, batch)
+        if not batch.recipients:
+            return []
+        if batch.delivery_mode is DeliveryMode.SHARED or view is None:
+            return await sender.send(conn, batch.envelope_from, batch.recipients, message)
+        signer = await asyncio.to_thread(prepare.signer_for, self.settings.keys_dir, view.domain)
+        addrs = [a for _, a in batch.recipients]
+        rendered = await asyncio.to_thread(prepare.personalize, message, view, addrs, signer)
+        results: list[RecipientResult] = []
+        for recipient, data in zip(batch.recipients, rendered, strict=True):
+            results.extend(await sender.send(conn, batch.envelope_from, [recipient], data))
+        return results
+
+    def _prepared(self, batch: ClaimedBatch) -> tuple[bytes, prepare.ListView | None]:
+        """The post's prepared bytes (and list view for personalizing), cached per post."""
+        hit = self._cache.get(batch.post_id)
+        if hit is not None:
+            self._cache.move_to_end(batch.post_id)
+            return hit
+        with self.db.reading() as session:
+            data = queue.prepared_message(session, batch.post_id)
+            view = None
+            if batch.delivery_mode is DeliveryMode.PERSONALIZED:
+                mlist = session.get(MailingList, batch.list_id)
+                view = prepare.ListView.of(mlist) if mlist else None
+        self._cache[batch.post_id] = (data, view)
+        while len(self._cache) > 8:
+            self._cache.popitem(last=False)
+        return data, view
+
+
+async def _wait(event: asyncio.Event, timeout: float) -> None:
+    try:
+        await asyncio.wait_for(event.wait(), timeout)
+    except TimeoutError:
+        pass
+    event.clear()
+
+
+class _logged:
+    """Log and swallow an unexpected error in a loop iteration: the daemon keeps running."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> bool:
+        if exc is not None and isinstance(exc, Exception):
+            log.exception("%s: unexpected error (will retry)", self.where)
+            return True
+        return False

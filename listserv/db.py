@@ -1,0 +1,136 @@
+"""Engine, sessions and schema migrations.
+
+One `Database` object per process. On SQLite (the embedded default) it turns on
+WAL, foreign keys and a busy timeout, and starts write transactions with
+``BEGIN IMMEDIATE`` so that two writers queue up instead of failing half-way
+through a transaction; read-only sessions use a plain deferred ``BEGIN``.
+On PostgreSQL the queue claims use ``FOR UPDATE SKIP LOCKED`` (distribute/queue.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from listserv.errors import DatabaseError
+
+MIGRATIONS = str(Path(__file__).with_name("migrations"))
+
+
+class Database:
+    def __init__(self, url: str, *, echo: bool = False) -> None:
+        self.url = make_url(url)
+        if self.url.drivername == "postgresql":
+            self.url = self.url.set(drivername="postgresql+psycopg")
+        self.is_sqlite = self.url.get_backend_name() == "sqlite"
+        kwargs: dict[str, Any] = {"echo": echo}
+        if self.is_sqlite:
+            kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+        else:
+            kwargs.update(pool_pre_ping=True, pool_size=10, max_overflow=20)
+        self.engine = sa.create_engine(self.url, **kwargs)
+        if self.is_sqlite:
+            _configure_sqlite(self.engine)
+        self._write = sessionmaker(self.engine, expire_on_commit=False)
+        reader = self.engine.execution_options(sqlite_begin="DEFERRED") if self.is_sqlite else None
+        self._read = sessionmaker(reader or self.engine, expire_on_commit=False)
+
+    @property
+    def sqlite_path(self) -> Path | None:
+        db = self.url.database
+        if not self.is_sqlite or not db or db == ":memory:":
+            return None
+        return Path(db)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A write transaction: committed on success, rolled back on error."""
+        with self._write.begin() as session:
+            yield session
+
+    @contextmanager
+    def reading(self) -> Iterator[Session]:
+        """A read-only transaction that never blocks writers."""
+        with self._read() as session, session.begin():
+            yield session
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # -- migrations -------------------------------------------------------
+
+    def _alembic_config(self) -> Config:
+        cfg = Config()
+        cfg.set_main_option("script_location", MIGRATIONS)
+        cfg.set_main_option("sqlalchemy.url", self.url.render_as_string(hide_password=False))
+        return cfg
+
+    def upgrade(self) -> tuple[str | None, str]:
+        """Create or upgrade the schema to the newest revision; returns (before, after)."""
+        path = self.sqlite_path
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        before = self.current_revision()
+        cfg = self._alembic_config()
+        with self.engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+        return before, self.head_revision()
+
+    def head_revision(self) -> str:
+        head = ScriptDirectory.from_config(self._alembic_config()).get_current_head()
+        assert head is not None
+        return head
+
+    def current_revision(self) -> str | None:
+        path = self.sqlite_path
+        if path is not None and not path.exists():
+            return None
+        try:
+            with self.engine.connect() as conn:
+                return MigrationContext.configure(conn).get_current_revision()
+        except sa.exc.OperationalError as exc:
+            raise DatabaseError(f"cannot open the database {self.safe_url}: {exc.orig}") from exc
+
+    def check_ready(self) -> None:
+        """Raise a one-line DatabaseError unless the schema is at the newest revision."""
+        current = self.current_revision()
+        if current is None:
+            raise DatabaseError(f"database {self.safe_url} is not initialized: run `listserv init`")
+        if current != self.head_revision():
+            raise DatabaseError(
+                f"database {self.safe_url} is at revision {current}, "
+                f"this listserv needs {self.head_revision()}: run `listserv init`"
+            )
+
+    @property
+    def safe_url(self) -> str:
+        return self.url.render_as_string(hide_password=True)
+
+
+def _configure_sqlite(engine: sa.Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+        cursor = dbapi_conn.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: sa.Connection) -> None:
+        mode = conn.get_execution_options().get("sqlite_begin", "IMMEDIATE")
+        conn.exec_driver_sql(f"BEGIN {mode}")

@@ -1,0 +1,155 @@
+"""From an accepted post to queued batches: decorate, sign, snapshot the recipients.
+
+Decorating and signing are CPU work: the daemon runs `queue_post` in a thread.
+A shared post is rendered and signed once; a personalized post is stored
+decorated but unsigned, and `personalize` renders and signs it per recipient.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from listserv import addresses, mail
+from listserv.addresses import Kind
+from listserv.config import Settings
+from listserv.db import Database
+from listserv.distribute import decorate, dkim, queue
+from listserv.models import DeliveryMode, InboundMessage, MailingList
+
+log = logging.getLogger("listserv.prepare")
+
+
+@dataclass(frozen=True, slots=True)
+class ListView:
+    """What rendering needs of a list, as plain values that may cross threads."""
+
+    name: str
+    domain: str
+    list_id: str
+    description: str
+    subject_prefix: str
+    footer: str
+    delivery_mode: DeliveryMode
+
+    @classmethod
+    def of(cls, mlist: MailingList) -> ListView:
+        return cls(
+            name=mlist.local_part,
+            domain=mlist.domain,
+            list_id=mlist.list_id,
+            description=mlist.description,
+            subject_prefix=mlist.subject_prefix,
+            footer=mlist.footer,
+            delivery_mode=mlist.delivery_mode,
+        )
+
+    def address(self, kind: Kind = Kind.POST) -> str:
+        return addresses.build(self.name, self.domain, kind)
+
+
+def list_headers(view: ListView) -> decorate.ListHeaders:
+    return decorate.ListHeaders(
+        list_id=view.list_id,
+        description=view.description,
+        post=view.address(),
+        help=view.address(Kind.REQUEST),
+        unsubscribe_mailto=view.address(Kind.LEAVE),
+        unsubscribe_url=None,  # one-click needs per-recipient tokens: subscriptions issue
+        owner=view.address(Kind.OWNER),
+    )
+
+
+def footer_text(view: ListView, recipient: str | None = None) -> str:
+    lines = ["_______________________________________________"]
+    lines.append(f"{view.description or view.address()} mailing list")
+    if view.footer:
+        lines.append(view.footer)
+    if recipient:
+        lines.append(f"You are subscribed as {recipient}.")
+    lines.append(f"To unsubscribe, send an e-mail to {view.address(Kind.LEAVE)}")
+    lines.append(f"List owner: {view.address(Kind.OWNER)}")
+    return "\n".join(lines) + "\n"
+
+
+def render(raw: bytes, view: ListView, signer: dkim.Signer | None) -> bytes:
+    """The message as it leaves: list headers, prefix, footer (shared mode), signature."""
+    msg = mail.parse(raw)
+    decorate.strip_signatures(msg)
+    decorate.add_list_headers(msg, list_headers(view))
+    if view.subject_prefix:
+        decorate.add_subject_prefix(msg, view.subject_prefix)
+    if view.delivery_mode is DeliveryMode.PERSONALIZED:
+        return mail.to_bytes(msg)  # footer and signature per recipient
+    msg = decorate.add_footer(msg, footer_text(view))
+    data = mail.to_bytes(msg)
+    return signer.sign(data) if signer else data
+
+
+def personalize(
+    template: bytes, view: ListView, recipients: list[str], signer: dkim.Signer | None
+) -> list[bytes]:
+    base = mail.parse(template)
+    out: list[bytes] = []
+    for recipient in recipients:
+        msg = decorate.add_footer(copy.deepcopy(base), footer_text(view, recipient))
+        data = mail.to_bytes(msg)
+        out.append(signer.sign(data) if signer else data)
+    return out
+
+
+def signer_for(keys_dir: Path, domain: str) -> dkim.Signer | None:
+    key = dkim.active_key(keys_dir, domain)
+    if key is None:
+        log.warning("no DKIM key for %s: sending unsigned (run `listserv dkim keygen`)", domain)
+        return None
+    return dkim.Signer(key)
+
+
+def queue_post(db: Database, settings: Settings, post_id: int) -> int | None:
+    """Prepare one accepted post and snapshot its recipients; returns the batch count.
+
+    None when another worker queued it first. A post that cannot be prepared
+    is marked failed with the reason: kept for the operator, never dropped.
+    """
+    from listserv.models import Post
+
+    with db.reading() as session:
+        post = session.get(Post, post_id)
+        if post is None:
+            return None
+        mlist = session.get(MailingList, post.list_id)
+        inbound = session.get(InboundMessage, post.inbound_id)
+        assert mlist is not None and inbound is not None
+        view = ListView.of(mlist)
+        raw = inbound.raw
+    try:
+        prepared = render(raw, view, signer_for(settings.keys_dir, view.domain))
+    except Exception as exc:
+        log.exception("post %d: could not be prepared", post_id)
+        with db.session() as session:
+            queue.fail_post(session, post_id, f"could not be prepared: {exc}")
+        return None
+    with db.session() as session:
+        locked = queue.lock_accepted_post(session, post_id)
+        if locked is None:
+            return None
+        rcpts = queue.recipients(session, locked.list_id)
+        batches = queue.enqueue(
+            session,
+            locked,
+            prepared=prepared,
+            envelope_from=view.address(Kind.BOUNCES),
+            addresses=rcpts,
+            max_per_batch=settings.delivery.max_recipients_per_message,
+        )
+    log.info(
+        "post %d to %s: queued %d recipients in %d batches",
+        post_id,
+        view.address(),
+        len(rcpts),
+        batches,
+    )
+    return batches

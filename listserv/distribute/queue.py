@@ -1,0 +1,428 @@
+"""The delivery queue: every verb on posts, batches and per-recipient deliveries.
+
+A post is snapshotted into batches (one domain, at most N recipients each) when
+it is queued; workers claim a batch with a lease, send it, and write the result
+of every recipient back. A claim is ``FOR UPDATE SKIP LOCKED`` on PostgreSQL and
+a ``BEGIN IMMEDIATE`` transaction on SQLite; a lease that has run out (its worker
+died) makes the batch claimable again, so delivery is at-least-once.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from listserv.config import DeliverySettings
+from listserv.distribute.retry import next_attempt
+from listserv.models import (
+    BatchState,
+    Delivery,
+    DeliveryBatch,
+    DeliveryMode,
+    DeliveryStatus,
+    MailingList,
+    Member,
+    Post,
+    PostState,
+    RecipientState,
+    Role,
+    utcnow,
+)
+
+CHUNK = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientResult:
+    delivery_id: int
+    outcome: RecipientState  # DELIVERED, DEFERRED or FAILED
+    code: int | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedBatch:
+    id: int
+    post_id: int
+    domain: str
+    attempts: int
+    envelope_from: str
+    delivery_mode: DeliveryMode
+    list_id: int
+    recipients: tuple[tuple[int, str], ...]  # (delivery id, address)
+
+
+@dataclass
+class PostStatus:
+    post_id: int
+    list_address: str
+    subject: str
+    state: PostState
+    created_at: datetime
+    counts: dict[str, int] = field(default_factory=dict)
+    next_attempt_at: datetime | None = None
+
+
+def worker_id(index: int | str = 0) -> str:
+    """host:pid:index. The host and pid let a restarted daemon free its dead self's leases."""
+    return f"{socket.gethostname()}:{os.getpid()}:{index}"
+
+
+# -- posts ----------------------------------------------------------------------------
+
+
+def accepted_posts(session: Session, limit: int = 20) -> list[int]:
+    stmt = sa.select(Post.id).where(Post.state == PostState.ACCEPTED).order_by(Post.id).limit(limit)
+    return list(session.scalars(stmt))
+
+
+def lock_accepted_post(session: Session, post_id: int) -> Post | None:
+    """The post, locked for queueing, if it still waits for it (another worker may have won)."""
+    stmt = sa.select(Post).where(Post.id == post_id, Post.state == PostState.ACCEPTED)
+    if session.get_bind().dialect.name == "postgresql":
+        stmt = stmt.with_for_update(skip_locked=True)
+    return session.scalar(stmt)
+
+
+def recipients(session: Session, list_id: int) -> list[str]:
+    """The addresses a post goes to now: members with delivery enabled, one query."""
+    stmt = (
+        sa.select(Member.address)
+        .where(
+            Member.list_id == list_id,
+            Member.role == Role.MEMBER,
+            Member.delivery_status == DeliveryStatus.ENABLED,
+        )
+        .execution_options(yield_per=CHUNK)
+    )
+    seen: set[str] = set()
+    result: list[str] = []
+    for address in session.scalars(stmt):
+        key = address.lower()
+        if key not in seen:
+            seen.add(key)
+            result.append(address)
+    return result
+
+
+def enqueue(
+    session: Session,
+    post: Post,
+    *,
+    prepared: bytes,
+    envelope_from: str,
+    addresses: Sequence[str],
+    max_per_batch: int,
+) -> int:
+    """Snapshot the recipients into batches by domain; returns the number of batches."""
+    by_domain: dict[str, list[str]] = defaultdict(list)
+    for address in addresses:
+        by_domain[address.rpartition("@")[2].lower()].append(address)
+    now = utcnow()
+    post.prepared = prepared
+    post.envelope_from = envelope_from
+    post.recipient_count = len(addresses)
+    if not addresses:
+        post.state = PostState.SENT
+        post.finished_at = now
+        return 0
+    post.state = PostState.SENDING
+    plan: list[tuple[str, list[str]]] = []
+    for domain in sorted(by_domain):
+        group = by_domain[domain]
+        for start in range(0, len(group), max_per_batch):
+            plan.append((domain, group[start : start + max_per_batch]))
+    batch_ids: list[int] = []
+    for start in range(0, len(plan), CHUNK):
+        rows = [
+            {"post_id": post.id, "domain": d, "state": BatchState.PENDING, "next_attempt_at": now}
+            for d, _ in plan[start : start + CHUNK]
+        ]
+        ids = session.scalars(
+            sa.insert(DeliveryBatch).returning(DeliveryBatch.id, sort_by_parameter_order=True),
+            rows,
+        )
+        batch_ids.extend(ids)
+    deliveries = [
+        {"batch_id": batch_id, "post_id": post.id, "address": a, "state": RecipientState.PENDING}
+        for batch_id, (_, group) in zip(batch_ids, plan, strict=True)
+        for a in group
+    ]
+    for start in range(0, len(deliveries), CHUNK * 5):
+        session.execute(sa.insert(Delivery), deliveries[start : start + CHUNK * 5])
+    return len(plan)
+
+
+def fail_post(session: Session, post_id: int, reason: str) -> None:
+    session.execute(
+        sa.update(Post)
+        .where(Post.id == post_id)
+        .values(state=PostState.FAILED, reason=reason[:2000], finished_at=utcnow())
+    )
+
+
+def prepared_message(session: Session, post_id: int) -> bytes:
+    data = session.scalar(sa.select(Post.prepared).where(Post.id == post_id))
+    if data is None:
+        raise LookupError(f"post {post_id} has no prepared message")
+    return data
+
+
+# -- batches --------------------------------------------------------------------------
+
+
+def claim_batch(session: Session, *, worker: str, lease: timedelta) -> ClaimedBatch | None:
+    """Lease the next due batch (or one whose lease ran out) to `worker`."""
+    now = utcnow()
+    due = sa.or_(
+        sa.and_(DeliveryBatch.state == BatchState.PENDING, DeliveryBatch.next_attempt_at <= now),
+        sa.and_(DeliveryBatch.state == BatchState.LEASED, DeliveryBatch.lease_expires_at < now),
+    )
+    stmt = (
+        sa.select(DeliveryBatch)
+        .where(due)
+        .order_by(DeliveryBatch.next_attempt_at, DeliveryBatch.id)
+        .limit(1)
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        stmt = stmt.with_for_update(skip_locked=True)
+    batch = session.scalar(stmt)
+    if batch is None:
+        return None
+    batch.state = BatchState.LEASED
+    batch.lease_owner = worker
+    batch.lease_expires_at = now + lease
+    batch.attempts += 1
+    row = session.execute(
+        sa.select(Post.envelope_from, Post.list_id, MailingList.delivery_mode)
+        .join(MailingList, MailingList.id == Post.list_id)
+        .where(Post.id == batch.post_id)
+    ).one()
+    rcpts = session.execute(
+        sa.select(Delivery.id, Delivery.address)
+        .where(
+            Delivery.batch_id == batch.id,
+            Delivery.state.in_((RecipientState.PENDING, RecipientState.DEFERRED)),
+        )
+        .order_by(Delivery.id)
+    ).tuples()
+    return ClaimedBatch(
+        id=batch.id,
+        post_id=batch.post_id,
+        domain=batch.domain,
+        attempts=batch.attempts,
+        envelope_from=row.envelope_from,
+        delivery_mode=row.delivery_mode,
+        list_id=row.list_id,
+        recipients=tuple(rcpts),
+    )
+
+
+def complete_batch(
+    session: Session,
+    batch_id: int,
+    results: Iterable[RecipientResult],
+    policy: DeliverySettings,
+) -> BatchState:
+    """Record every recipient's outcome, then retire or reschedule the batch."""
+    now = utcnow()
+    groups: dict[tuple[RecipientState, int | None, str], list[int]] = defaultdict(list)
+    for r in results:
+        groups[(r.outcome, r.code, r.detail[:1000])].append(r.delivery_id)
+    for (outcome, code, detail), ids in groups.items():
+        for start in range(0, len(ids), CHUNK):
+            session.execute(
+                sa.update(Delivery)
+                .where(Delivery.id.in_(ids[start : start + CHUNK]))
+                .values(state=outcome, code=code, detail=detail, updated_at=now),
+                execution_options={"synchronize_session": False},
+            )
+    batch = session.get(DeliveryBatch, batch_id)
+    if batch is None:  # the list (and so the post) was deleted meanwhile
+        return BatchState.DONE
+    left = session.scalar(
+        sa.select(sa.func.count(Delivery.id)).where(
+            Delivery.batch_id == batch_id,
+            Delivery.state.in_((RecipientState.PENDING, RecipientState.DEFERRED)),
+        )
+    )
+    batch.lease_owner = None
+    batch.lease_expires_at = None
+    if left:
+        when = next_attempt(batch.attempts, batch.created_at, now, policy)
+        if when is not None:
+            batch.state = BatchState.PENDING
+            batch.next_attempt_at = when
+            return batch.state
+        session.execute(
+            sa.update(Delivery)
+            .where(
+                Delivery.batch_id == batch_id,
+                Delivery.state.in_((RecipientState.PENDING, RecipientState.DEFERRED)),
+            )
+            .values(
+                state=RecipientState.FAILED,
+                detail=sa.func.substr(
+                    "gave up after " + str(batch.attempts) + " attempts: " + Delivery.detail,
+                    1,
+                    1000,
+                ),
+                updated_at=now,
+            ),
+            execution_options={"synchronize_session": False},
+        )
+    batch.state = BatchState.DONE
+    session.flush()
+    _finish_post_if_done(session, batch.post_id, now)
+    return batch.state
+
+
+def _finish_post_if_done(session: Session, post_id: int, now: datetime) -> None:
+    open_batches = session.scalar(
+        sa.select(sa.func.count(DeliveryBatch.id)).where(
+            DeliveryBatch.post_id == post_id, DeliveryBatch.state != BatchState.DONE
+        )
+    )
+    if not open_batches:
+        session.execute(
+            sa.update(Post)
+            .where(Post.id == post_id, Post.state == PostState.SENDING)
+            .values(state=PostState.SENT, finished_at=now)
+        )
+
+
+def release(session: Session, batch_id: int, worker: str) -> None:
+    """Give a leased batch back untouched (graceful shutdown)."""
+    session.execute(
+        sa.update(DeliveryBatch)
+        .where(DeliveryBatch.id == batch_id, DeliveryBatch.lease_owner == worker)
+        .values(
+            state=BatchState.PENDING,
+            lease_owner=None,
+            lease_expires_at=None,
+            attempts=DeliveryBatch.attempts - 1,
+        )
+    )
+
+
+def release_dead_local_leases(session: Session) -> int:
+    """Free leases held by processes of this host that no longer run (after a kill -9).
+
+    Leases of other hosts are left to expire: we cannot see their processes.
+    """
+    host = socket.gethostname()
+    rows = session.execute(
+        sa.select(DeliveryBatch.id, DeliveryBatch.lease_owner).where(
+            DeliveryBatch.state == BatchState.LEASED,
+            DeliveryBatch.lease_owner.like(f"{host}:%"),
+        )
+    ).tuples()
+    dead = [bid for bid, owner in rows if owner and not _alive(owner)]
+    if dead:
+        session.execute(
+            sa.update(DeliveryBatch)
+            .where(DeliveryBatch.id.in_(dead))
+            .values(state=BatchState.PENDING, lease_owner=None, lease_expires_at=None)
+        )
+    return len(dead)
+
+
+def _alive(owner: str) -> bool:
+    try:
+        pid = int(owner.split(":")[1])
+    except (IndexError, ValueError):
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def next_due(session: Session) -> datetime | None:
+    """When the earliest pending batch is due (to sleep exactly that long)."""
+    return session.scalar(
+        sa.select(sa.func.min(DeliveryBatch.next_attempt_at)).where(
+            DeliveryBatch.state == BatchState.PENDING
+        )
+    )
+
+
+# -- status ---------------------------------------------------------------------------
+
+
+def status(
+    session: Session, *, include_finished: bool = False, limit: int = 50
+) -> list[PostStatus]:
+    """Per post: recipients waiting, in flight, deferred, delivered and failed."""
+    states = [PostState.ACCEPTED, PostState.SENDING, PostState.HELD, PostState.FAILED]
+    if include_finished:
+        states.append(PostState.SENT)
+    posts = session.execute(
+        sa.select(
+            Post.id,
+            MailingList.local_part,
+            MailingList.domain,
+            Post.subject,
+            Post.state,
+            Post.created_at,
+        )
+        .join(MailingList, MailingList.id == Post.list_id)
+        .where(Post.state.in_(states))
+        .order_by(Post.id.desc())
+        .limit(limit)
+    ).tuples()
+    result = {
+        pid: PostStatus(pid, f"{local}@{domain}", subject, state, created)
+        for pid, local, domain, subject, state, created in posts
+    }
+    if not result:
+        return []
+    counts = session.execute(
+        sa.select(Delivery.post_id, Delivery.state, DeliveryBatch.state, sa.func.count())
+        .join(DeliveryBatch, DeliveryBatch.id == Delivery.batch_id)
+        .where(Delivery.post_id.in_(result))
+        .group_by(Delivery.post_id, Delivery.state, DeliveryBatch.state)
+    ).tuples()
+    for pid, rstate, bstate, n in counts:
+        if (
+            rstate in (RecipientState.PENDING, RecipientState.DEFERRED)
+            and bstate is BatchState.LEASED
+        ):
+            key = "in_flight"
+        elif rstate is RecipientState.PENDING:
+            key = "waiting"
+        else:
+            key = rstate.value
+        result[pid].counts[key] = result[pid].counts.get(key, 0) + n
+    due = session.execute(
+        sa.select(DeliveryBatch.post_id, sa.func.min(DeliveryBatch.next_attempt_at))
+        .where(DeliveryBatch.post_id.in_(result), DeliveryBatch.state == BatchState.PENDING)
+        .group_by(DeliveryBatch.post_id)
+    ).tuples()
+    for pid, when in due:
+        result[pid].next_attempt_at = when
+    return list(result.values())
+
+
+def pending_inbound(session: Session) -> dict[str, int]:
+    """Stored mail to command/bounce/owner addresses not yet handled, by kind."""
+    from listserv.models import InboundMessage, InboundState
+
+    rows = session.execute(
+        sa.select(InboundMessage.kind, sa.func.count())
+        .where(InboundMessage.state == InboundState.PENDING)
+        .group_by(InboundMessage.kind)
+    ).tuples()
+    return dict(rows)

@@ -1,0 +1,152 @@
+"""Send one batch over SMTP and say what happened to every recipient.
+
+aiosmtplib's exceptions and reply codes become `RecipientResult`s here and
+nowhere else. Per RFC 5321: 2xx delivered, 4xx deferred (552 at RCPT too,
+section 4.5.3.1.10), any other 5xx failed. A connection that cannot be made or
+that drops defers every recipient still open: nothing is lost, it is retried.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import aiosmtplib
+from aiosmtplib import SMTPResponse
+
+from listserv.config import DeliverySettings
+from listserv.distribute.queue import RecipientResult
+from listserv.models import RecipientState
+
+log = logging.getLogger("listserv.sender")
+
+
+class Connection:
+    """One reusable SMTP connection to the smarthost."""
+
+    def __init__(self, settings: DeliverySettings, local_hostname: str) -> None:
+        self.settings = settings
+        self.local_hostname = local_hostname
+        self._smtp: aiosmtplib.SMTP | None = None
+
+    async def open(self) -> aiosmtplib.SMTP:
+        if self._smtp is not None and self._smtp.is_connected:
+            return self._smtp
+        s = self.settings
+        smtp = aiosmtplib.SMTP(
+            hostname=s.host,
+            port=s.port,
+            timeout=s.timeout,
+            local_hostname=self.local_hostname,
+            start_tls=s.starttls,
+        )
+        await smtp.connect()
+        if s.username:
+            await smtp.login(s.username, s.password)
+        self._smtp = smtp
+        return smtp
+
+    async def close(self) -> None:
+        smtp, self._smtp = self._smtp, None
+        if smtp is None or not smtp.is_connected:
+            return
+        try:
+            await smtp.quit()
+        except (aiosmtplib.SMTPException, OSError):
+            smtp.close()
+
+    def drop(self) -> None:
+        smtp, self._smtp = self._smtp, None
+        if smtp is not None:
+            smtp.close()
+
+
+def _outcome(code: int, *, at_rcpt: bool = False) -> RecipientState:
+    if 200 <= code < 300:
+        return RecipientState.DELIVERED
+    if 400 <= code < 500 or (at_rcpt and code == 552):
+        return RecipientState.DEFERRED
+    return RecipientState.FAILED
+
+
+def _all(
+    recipients: Sequence[tuple[int, str]], outcome: RecipientState, code: int | None, detail: str
+) -> list[RecipientResult]:
+    return [RecipientResult(rid, outcome, code, detail) for rid, _ in recipients]
+
+
+async def send(
+    conn: Connection,
+    envelope_from: str,
+    recipients: Sequence[tuple[int, str]],
+    message: bytes,
+) -> list[RecipientResult]:
+    """One SMTP transaction: MAIL, a RCPT per recipient, DATA. Never raises for SMTP trouble."""
+    try:
+        smtp = await conn.open()
+    except (aiosmtplib.SMTPException, OSError) as exc:
+        conn.drop()
+        return _all(recipients, RecipientState.DEFERRED, None, f"connection failed: {exc}")
+    try:
+        return await _transaction(smtp, envelope_from, recipients, message)
+    except aiosmtplib.SMTPServerDisconnected as exc:
+        conn.drop()
+        return _all(recipients, RecipientState.DEFERRED, None, f"connection lost: {exc}")
+    except (aiosmtplib.SMTPException, OSError) as exc:
+        conn.drop()
+        return _all(recipients, RecipientState.DEFERRED, None, f"SMTP error: {exc}")
+
+
+async def _transaction(
+    smtp: aiosmtplib.SMTP,
+    envelope_from: str,
+    recipients: Sequence[tuple[int, str]],
+    message: bytes,
+) -> list[RecipientResult]:
+    options = []
+    if not message.isascii() and smtp.supports_extension("8BITMIME"):
+        options.append("BODY=8BITMIME")
+    utf8 = not (envelope_from.isascii() and all(a.isascii() for _, a in recipients))
+    if utf8:
+        if not smtp.supports_extension("SMTPUTF8"):
+            return _all(recipients, RecipientState.FAILED, 553, "smarthost lacks SMTPUTF8")
+        options.append("SMTPUTF8")
+    encoding = "utf-8" if utf8 else "ascii"
+    try:
+        await smtp.mail(envelope_from, options=options, encoding=encoding)
+    except aiosmtplib.SMTPResponseException as exc:
+        await _reset(smtp)
+        detail = f"MAIL FROM refused: {exc.code} {exc.message}"
+        return _all(recipients, _outcome(exc.code), exc.code, detail)
+    results: list[RecipientResult] = []
+    accepted: list[tuple[int, SMTPResponse]] = []
+    for rid, address in recipients:
+        try:
+            response = await smtp.rcpt(address, encoding=encoding)
+        except aiosmtplib.SMTPRecipientRefused as exc:
+            results.append(
+                RecipientResult(rid, _outcome(exc.code, at_rcpt=True), exc.code, exc.message)
+            )
+            continue
+        accepted.append((rid, response))
+    if not accepted:
+        await _reset(smtp)
+        return results
+    try:
+        response = await smtp.data(message)
+        code, text = response.code, response.message
+    except aiosmtplib.SMTPResponseException as exc:
+        code, text = exc.code, exc.message
+    outcome = _outcome(code)
+    if outcome is not RecipientState.DELIVERED:
+        await _reset(smtp)
+    results.extend(RecipientResult(rid, outcome, code, text) for rid, _ in accepted)
+    return results
+
+
+async def _reset(smtp: aiosmtplib.SMTP) -> None:
+    """Best effort: a connection that breaks here is noticed and reopened on next use."""
+    try:
+        await smtp.rset()
+    except (aiosmtplib.SMTPException, OSError):
+        smtp.close()

@@ -1,0 +1,260 @@
+"""The nouns, as typed SQLAlchemy 2.0 models.
+
+Only portable column types are used, so the same models and migrations serve
+SQLite and PostgreSQL. Enums are stored by value as strings; datetimes are
+stored in UTC and always come back timezone-aware.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite drops the zone)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given; use an aware UTC datetime")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class PostingPolicy(enum.StrEnum):
+    ANNOUNCE = "announce"  # senders, moderators and owners only
+    MEMBERS = "members"  # and members
+    OPEN = "open"  # anyone
+
+
+class DeliveryMode(enum.StrEnum):
+    SHARED = "shared"  # one signed message per batch
+    PERSONALIZED = "personalized"  # one rendered, signed message per recipient
+
+
+class Role(enum.StrEnum):
+    MEMBER = "member"
+    OWNER = "owner"
+    MODERATOR = "moderator"
+    SENDER = "sender"  # authorized sender: may post to an announce list
+
+
+class DeliveryStatus(enum.StrEnum):
+    ENABLED = "enabled"
+    DISABLED = "disabled"
+
+
+class InboundState(enum.StrEnum):
+    PENDING = "pending"  # stored, not yet handled (commands, bounces: later stages)
+    DONE = "done"
+    FAILED = "failed"
+
+
+class PostState(enum.StrEnum):
+    HELD = "held"
+    ACCEPTED = "accepted"  # decided, waiting to be prepared and queued
+    SENDING = "sending"  # batches queued
+    SENT = "sent"  # every recipient delivered or failed for good
+    REJECTED = "rejected"
+    DISCARDED = "discarded"
+    FAILED = "failed"  # could not be prepared; kept for the operator
+
+
+class BatchState(enum.StrEnum):
+    PENDING = "pending"  # due at next_attempt_at
+    LEASED = "leased"  # claimed by a worker until lease_expires_at
+    DONE = "done"
+
+
+class RecipientState(enum.StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    DEFERRED = "deferred"  # 4xx: tried again later
+    FAILED = "failed"  # 5xx, or gave up
+
+
+def _enum(cls: type[enum.Enum]) -> sa.Enum:
+    return sa.Enum(
+        cls,
+        native_enum=False,
+        create_constraint=True,
+        length=16,
+        values_callable=lambda e: [m.value for m in e],
+        validate_strings=True,
+    )
+
+
+IntPK = Annotated[int, mapped_column(primary_key=True)]
+CreatedAt = Annotated[datetime, mapped_column(UTCDateTime, default=utcnow)]
+Address = Annotated[str, mapped_column(sa.String(320))]
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = sa.MetaData(naming_convention=NAMING)
+    type_annotation_map: dict[Any, Any] = {  # noqa: RUF012
+        datetime: UTCDateTime,
+        PostingPolicy: _enum(PostingPolicy),
+        DeliveryMode: _enum(DeliveryMode),
+        Role: _enum(Role),
+        DeliveryStatus: _enum(DeliveryStatus),
+        InboundState: _enum(InboundState),
+        PostState: _enum(PostState),
+        BatchState: _enum(BatchState),
+        RecipientState: _enum(RecipientState),
+    }
+
+
+class MailingList(Base):
+    __tablename__ = "mailing_lists"
+    __table_args__ = (sa.UniqueConstraint("local_part", "domain"),)
+
+    id: Mapped[IntPK]
+    local_part: Mapped[str] = mapped_column(sa.String(64))
+    domain: Mapped[str] = mapped_column(sa.String(255))
+    posting_policy: Mapped[PostingPolicy] = mapped_column(default=PostingPolicy.MEMBERS)
+    delivery_mode: Mapped[DeliveryMode] = mapped_column(default=DeliveryMode.SHARED)
+    subject_prefix: Mapped[str] = mapped_column(sa.String(100), default="")
+    description: Mapped[str] = mapped_column(sa.String(255), default="")
+    footer: Mapped[str] = mapped_column(sa.Text, default="")
+    created_at: Mapped[CreatedAt]
+
+    @property
+    def address(self) -> str:
+        return f"{self.local_part}@{self.domain}"
+
+    @property
+    def list_id(self) -> str:
+        """RFC 2919 list identifier: the address with '@' turned into '.'."""
+        return f"{self.local_part}.{self.domain}"
+
+
+class Member(Base):
+    __tablename__ = "members"
+    __table_args__ = (
+        sa.UniqueConstraint("list_id", "address", "role"),
+        sa.Index("ix_members_list_role", "list_id", "role"),
+    )
+
+    id: Mapped[IntPK]
+    list_id: Mapped[int] = mapped_column(sa.ForeignKey("mailing_lists.id", ondelete="CASCADE"))
+    address: Mapped[Address]
+    display_name: Mapped[str] = mapped_column(sa.String(255), default="")
+    role: Mapped[Role] = mapped_column(default=Role.MEMBER)
+    delivery_status: Mapped[DeliveryStatus] = mapped_column(default=DeliveryStatus.ENABLED)
+    created_at: Mapped[CreatedAt]
+
+
+class InboundMessage(Base):
+    """Raw mail as it arrived: the record, kept before we answer 250."""
+
+    __tablename__ = "inbound_messages"
+
+    id: Mapped[IntPK]
+    received_at: Mapped[CreatedAt]
+    mail_from: Mapped[Address]
+    rcpt_tos: Mapped[list[str]] = mapped_column(sa.JSON)
+    kind: Mapped[str] = mapped_column(sa.String(16))  # post, request, join, leave, owner, ...
+    state: Mapped[InboundState] = mapped_column(default=InboundState.PENDING)
+    peer: Mapped[str] = mapped_column(sa.String(100), default="")
+    raw: Mapped[bytes] = mapped_column(sa.LargeBinary)
+
+
+class Post(Base):
+    __tablename__ = "posts"
+    __table_args__ = (sa.Index("ix_posts_state", "state"),)
+
+    id: Mapped[IntPK]
+    list_id: Mapped[int] = mapped_column(sa.ForeignKey("mailing_lists.id", ondelete="CASCADE"))
+    inbound_id: Mapped[int] = mapped_column(
+        sa.ForeignKey("inbound_messages.id", ondelete="CASCADE")
+    )
+    state: Mapped[PostState]
+    reason: Mapped[str] = mapped_column(sa.Text, default="")
+    sender: Mapped[Address]
+    subject: Mapped[str] = mapped_column(sa.Text, default="")
+    message_id: Mapped[str] = mapped_column(sa.Text, default="")
+    envelope_from: Mapped[Address] = mapped_column(default="")
+    prepared: Mapped[bytes | None] = mapped_column(sa.LargeBinary, default=None)
+    recipient_count: Mapped[int] = mapped_column(default=0)
+    created_at: Mapped[CreatedAt]
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class DeliveryBatch(Base):
+    """Recipients of one post at one domain, sent in one SMTP transaction."""
+
+    __tablename__ = "delivery_batches"
+    __table_args__ = (
+        sa.Index("ix_delivery_batches_due", "state", "next_attempt_at"),
+        sa.Index("ix_delivery_batches_post", "post_id", "state"),
+    )
+
+    id: Mapped[IntPK]
+    post_id: Mapped[int] = mapped_column(sa.ForeignKey("posts.id", ondelete="CASCADE"))
+    domain: Mapped[str] = mapped_column(sa.String(255))
+    state: Mapped[BatchState] = mapped_column(default=BatchState.PENDING)
+    attempts: Mapped[int] = mapped_column(default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    lease_owner: Mapped[str | None] = mapped_column(sa.String(200), default=None)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    last_error: Mapped[str] = mapped_column(sa.Text, default="")
+    created_at: Mapped[CreatedAt]
+
+
+class Delivery(Base):
+    """One recipient of one post, with its latest outcome."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        sa.Index("ix_deliveries_batch", "batch_id", "state"),
+        sa.Index("ix_deliveries_post", "post_id", "state"),
+    )
+
+    id: Mapped[IntPK]
+    batch_id: Mapped[int] = mapped_column(sa.ForeignKey("delivery_batches.id", ondelete="CASCADE"))
+    post_id: Mapped[int] = mapped_column(sa.ForeignKey("posts.id", ondelete="CASCADE"))
+    address: Mapped[Address]
+    state: Mapped[RecipientState] = mapped_column(default=RecipientState.PENDING)
+    code: Mapped[int | None] = mapped_column(default=None)
+    detail: Mapped[str] = mapped_column(sa.Text, default="")
+    updated_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class AuditEntry(Base):
+    """Who changed what, from the CLI or by e-mail."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[IntPK]
+    at: Mapped[CreatedAt]
+    actor: Mapped[str] = mapped_column(sa.String(320))
+    action: Mapped[str] = mapped_column(sa.String(64))
+    list_address: Mapped[str] = mapped_column(sa.String(320), default="")
+    detail: Mapped[str] = mapped_column(sa.Text, default="")

@@ -1,0 +1,86 @@
+"""aiosmtpd hooks: translate SMTP commands to intake calls and outcomes to replies.
+
+Nothing else happens here. The database work runs in a thread so a slow disk
+never stalls the other SMTP sessions on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from listserv import replies
+from listserv.db import Database
+from listserv.replies import Reply
+from listserv.smtp_in import intake
+
+log = logging.getLogger("listserv.smtp")
+
+MAX_RECIPIENTS = 100
+
+
+class InboundHandler:
+    def __init__(self, db: Database, on_accepted: Callable[[], None] = lambda: None) -> None:
+        self.db = db
+        self.on_accepted = on_accepted
+
+    async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
+            return "452 4.5.3 Too many recipients"
+        try:
+            result = await asyncio.to_thread(intake.resolve, self.db, address)
+        except Exception:
+            log.exception("RCPT %s: internal error", address)
+            return str(replies.TEMP_FAILURE)
+        if isinstance(result, Reply):
+            log.info("refused RCPT TO:<%s> from %s: %s", address, _peer(session), result)
+            return str(result)
+        envelope.rcpt_tos.append(address)
+        return str(replies.RCPT_OK)
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        content = envelope.original_content or b""
+        if isinstance(content, str):  # pragma: no cover - we never set decode_data
+            content = content.encode("utf-8", "surrogateescape")
+        request = intake.Envelope(
+            mail_from=envelope.mail_from or "",
+            rcpt_tos=tuple(envelope.rcpt_tos),
+            content=content,
+            peer=_peer(session),
+        )
+        try:
+            outcome = await asyncio.to_thread(intake.receive, self.db, request)
+        except Exception:
+            # Nothing was committed: the client keeps the message and tries again.
+            log.exception("DATA from %s: internal error, answered 451", request.peer)
+            return str(replies.TEMP_FAILURE)
+        if outcome.accepted_posts:
+            self.on_accepted()
+        return str(outcome.reply)
+
+
+def _peer(session: Session) -> str:
+    peer: Any = session.peer
+    if isinstance(peer, tuple) and peer:
+        return f"{peer[0]}:{peer[1]}" if len(peer) > 1 else str(peer[0])
+    return str(peer or "")
+
+
+class ListservSMTP(SMTP):
+    """aiosmtpd's SMTP, with enhanced status codes on its built-in size refusals."""
+
+    async def push(self, status: Any) -> None:
+        if isinstance(status, str) and status.startswith("552 Error"):
+            status = str(replies.TOO_BIG)
+        await super().push(status)
