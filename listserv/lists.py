@@ -88,7 +88,7 @@ def all_lists(session: Session) -> list[tuple[MailingList, int]]:
     rows = session.execute(
         sa.select(MailingList, count).order_by(MailingList.domain, MailingList.local_part)
     )
-    return [(m, n) for m, n in rows.tuples()]
+    return [(m, n) for m, n in rows]
 
 
 def set_setting(

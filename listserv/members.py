@@ -31,9 +31,7 @@ class ImportReport:
 
 
 def _existing(session: Session, mlist: MailingList) -> set[tuple[str, Role]]:
-    rows = session.execute(
-        sa.select(Member.address, Member.role).where(Member.list_id == mlist.id)
-    ).tuples()
+    rows = session.execute(sa.select(Member.address, Member.role).where(Member.list_id == mlist.id))
     return {(a.lower(), r) for a, r in rows}
 
 

@@ -165,8 +165,7 @@ def add_footer(msg: EmailMessage, text: str, html: str | None = None) -> EmailMe
             (part, _rebuilt(part, kind, _decode_text(part), text, html_footer))
             for part, kind in plan
         ]
-        append = not changes
-        footer_part = _footer_part(msg, text) if append else None
+        footer_part = None if changes else _footer_part(text)
     except Exception:
         return _wrap(msg, text)
     for part, rebuilt in changes:
@@ -262,14 +261,12 @@ def _rebuilt(part: MIMEPart, kind: _Kind, body: str, text: str, html_footer: str
         value = part.get_param(name)
         if isinstance(value, str):
             params[name] = value
-    return _text_part(part, new, "plain" if kind == "plain" else "html", params)
+    return _text_part(new, "plain" if kind == "plain" else "html", params)
 
 
-def _text_part(
-    like: MIMEPart, content: str, subtype: str, params: dict[str, str] | None = None
-) -> EmailMessage:
+def _text_part(content: str, subtype: str, params: dict[str, str] | None = None) -> EmailMessage:
     """ASCII stays us-ascii; anything else is UTF-8 quoted-printable, safe through 7-bit relays."""
-    scratch = EmailMessage(policy=like.policy)
+    scratch = EmailMessage(policy=POLICY)
     if content.isascii():
         scratch.set_content(content, subtype=subtype, charset="us-ascii", params=params or {})
     else:
@@ -296,8 +293,9 @@ def _swap_content(part: MIMEPart, rebuilt: EmailMessage) -> None:
     part.set_payload(rebuilt.get_payload())
 
 
-def _footer_part(like: EmailMessage, text: str) -> EmailMessage:
-    footer = _text_part(like, text if text.endswith("\n") else text + "\n", "plain")
+def _footer_part(text: str) -> EmailMessage:
+    """The footer as its own inline part, for when no body part can carry it."""
+    footer = _text_part(text if text.endswith("\n") else text + "\n", "plain")
     footer.set_raw("Content-Disposition", "inline")
     return footer
 
@@ -318,5 +316,5 @@ def _wrap(msg: EmailMessage, text: str) -> EmailMessage:
     if "MIME-Version" not in outer:
         outer.set_raw("MIME-Version", "1.0")
     outer.set_raw("Content-Type", "multipart/mixed")
-    outer.set_payload([inner, _footer_part(msg, text)])
+    outer.set_payload([inner, _footer_part(text)])
     return outer

@@ -212,7 +212,7 @@ def claim_batch(session: Session, *, worker: str, lease: timedelta) -> ClaimedBa
             Delivery.state.in_((RecipientState.PENDING, RecipientState.DEFERRED)),
         )
         .order_by(Delivery.id)
-    ).tuples()
+    )
     return ClaimedBatch(
         id=batch.id,
         post_id=batch.post_id,
@@ -285,6 +285,10 @@ def complete_batch(
 
 
 def _finish_post_if_done(session: Session, post_id: int, now: datetime) -> None:
+    # Two workers finishing the last two batches of a post at once must not both see
+    # the other's batch still open: serialize on the post row (SQLite is serial anyway).
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(sa.select(Post.id).where(Post.id == post_id).with_for_update())
     open_batches = session.scalar(
         sa.select(sa.func.count(DeliveryBatch.id)).where(
             DeliveryBatch.post_id == post_id, DeliveryBatch.state != BatchState.DONE
@@ -323,7 +327,7 @@ def release_dead_local_leases(session: Session) -> int:
             DeliveryBatch.state == BatchState.LEASED,
             DeliveryBatch.lease_owner.like(f"{host}:%"),
         )
-    ).tuples()
+    )
     dead = [bid for bid, owner in rows if owner and not _alive(owner)]
     if dead:
         session.execute(
@@ -382,7 +386,7 @@ def status(
         .where(Post.state.in_(states))
         .order_by(Post.id.desc())
         .limit(limit)
-    ).tuples()
+    )
     result = {
         pid: PostStatus(pid, f"{local}@{domain}", subject, state, created)
         for pid, local, domain, subject, state, created in posts
@@ -394,7 +398,7 @@ def status(
         .join(DeliveryBatch, DeliveryBatch.id == Delivery.batch_id)
         .where(Delivery.post_id.in_(result))
         .group_by(Delivery.post_id, Delivery.state, DeliveryBatch.state)
-    ).tuples()
+    )
     for pid, rstate, bstate, n in counts:
         if (
             rstate in (RecipientState.PENDING, RecipientState.DEFERRED)
@@ -410,7 +414,7 @@ def status(
         sa.select(DeliveryBatch.post_id, sa.func.min(DeliveryBatch.next_attempt_at))
         .where(DeliveryBatch.post_id.in_(result), DeliveryBatch.state == BatchState.PENDING)
         .group_by(DeliveryBatch.post_id)
-    ).tuples()
+    )
     for pid, when in due:
         result[pid].next_attempt_at = when
     return list(result.values())
@@ -424,5 +428,5 @@ def pending_inbound(session: Session) -> dict[str, int]:
         sa.select(InboundMessage.kind, sa.func.count())
         .where(InboundMessage.state == InboundState.PENDING)
         .group_by(InboundMessage.kind)
-    ).tuples()
-    return dict(rows)
+    )
+    return {kind: n for kind, n in rows}

@@ -1,0 +1,149 @@
+"""`listserv lists ...`: create, inspect, change and delete mailing lists."""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+
+import click
+
+from listserv import lists as store
+from listserv import members as roster
+from listserv.cli.app import FORMATS, App, echo_json, echo_table, pass_app
+from listserv.models import DeliveryMode, PostingPolicy, Role
+
+
+@click.group()
+def lists() -> None:
+    """Create, list, show, change and delete mailing lists."""
+
+
+@lists.command()
+@click.argument("address", metavar="NAME@DOMAIN")
+@click.option("--owner", "owners", multiple=True, metavar="ADDR", help="An owner (repeatable).")
+@click.option(
+    "--policy",
+    type=click.Choice([p.value for p in PostingPolicy]),
+    default=PostingPolicy.MEMBERS.value,
+    show_default=True,
+    help="Who may post: authorized senders only, members, or anyone.",
+)
+@click.option("--subject-prefix", default=None, help="Subject prefix.  [default: [NAME]]")
+@click.option("--description", default="", help="One-line description of the list.")
+@click.option(
+    "--mode",
+    type=click.Choice([m.value for m in DeliveryMode]),
+    default=DeliveryMode.SHARED.value,
+    show_default=True,
+    help="shared: one message per batch; personalized: one per recipient.",
+)
+@pass_app
+def create(
+    app: App,
+    address: str,
+    owners: tuple[str, ...],
+    policy: str,
+    subject_prefix: str | None,
+    description: str,
+    mode: str,
+) -> None:
+    """Create a list.
+
+    \b
+    Example:
+      listserv lists create staff@lists.example.org --owner boss@example.org --policy announce
+    """
+    with app.db.session() as session:
+        mlist = store.create(
+            session,
+            address,
+            owners=owners,
+            policy=PostingPolicy(policy),
+            subject_prefix=subject_prefix,
+            description=description,
+            delivery_mode=DeliveryMode(mode),
+        )
+        created = mlist.address
+    click.echo(f"created list {created} (policy {policy}, mode {mode})")
+
+
+@lists.command("list")
+@click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
+@pass_app
+def list_(app: App, fmt: str) -> None:
+    """Every list with its posting policy, delivery mode and member count."""
+    with app.db.reading() as session:
+        rows = [
+            (m.address, m.posting_policy.value, m.delivery_mode.value, n)
+            for m, n in store.all_lists(session)
+        ]
+    if fmt == "json":
+        keys = ("address", "policy", "mode", "members")
+        echo_json([dict(zip(keys, row, strict=True)) for row in rows])
+    elif rows:
+        echo_table(rows, header=("ADDRESS", "POLICY", "MODE", "MEMBERS"))
+    else:
+        click.echo("no lists", err=True)
+
+
+@lists.command()
+@click.argument("address", metavar="NAME@DOMAIN")
+@pass_app
+def show(app: App, address: str) -> None:
+    """Every setting of a list, and how many addresses hold each role."""
+    with app.db.reading() as session:
+        mlist = store.get(session, address)
+        settings = store.settings_of(mlist)
+        counts = Counter(m.role for m in roster.roster(session, mlist))
+    rows: list[tuple[str, object]] = [(f"{k}:", v) for k, v in settings.items()]
+    rows += [(f"{role.value}s:", counts.get(role, 0)) for role in Role]
+    echo_table(rows)
+
+
+@lists.command("set")
+@click.argument("address", metavar="NAME@DOMAIN")
+@click.argument("key")
+@click.argument("value")
+@pass_app
+def set_(app: App, address: str, key: str, value: str) -> None:
+    """Change one setting of a list.
+
+    Settable: posting_policy (or policy), delivery_mode (or mode),
+    subject_prefix, description, footer.
+
+    \b
+    Example:
+      listserv lists set staff@lists.example.org policy announce
+    """
+    with app.db.session() as session:
+        mlist = store.get(session, address)
+        store.set_setting(session, mlist, key, value)
+        name = store.ALIASES.get(key, key)
+        shown = store.settings_of(mlist)[name]
+        changed = mlist.address
+    click.echo(f"{changed}: {name} = {shown}")
+
+
+@lists.command()
+@click.argument("address", metavar="NAME@DOMAIN")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@pass_app
+def delete(app: App, address: str, yes: bool) -> None:
+    """Delete a list with its members and queued posts. This cannot be undone.
+
+    Asks for confirmation unless --yes is given; without a terminal to ask on,
+    it refuses.
+    """
+    with app.db.reading() as session:
+        mlist = store.get(session, address)
+        target = mlist.address
+        count = len(roster.roster(session, mlist))
+    if not yes:
+        if not sys.stdin.isatty():
+            raise click.ClickException(
+                f"not deleting {target}: no terminal to confirm on; pass --yes"
+            )
+        click.confirm(f"Delete {target} and its {count} member entries?", abort=True)
+    with app.db.session() as session:  # asked outside a transaction: no lock held meanwhile
+        store.delete(session, store.get(session, target))
+    click.echo(f"deleted list {target}")

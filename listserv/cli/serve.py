@@ -1,0 +1,81 @@
+"""`listserv init` (create or upgrade the schema) and `listserv serve` (run the daemon)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import signal
+
+import click
+
+from listserv.cli.app import App, pass_app
+from listserv.daemon import Daemon
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+@click.command()
+@pass_app
+def init(app: App) -> None:
+    """Create the database schema, or upgrade it to this version's newest revision.
+
+    Safe to run again: an up-to-date database is left alone. Run it after
+    installing and after every upgrade of listserv.
+    """
+    db = app.database()
+    before, after = db.upgrade()
+    if before is None:
+        what = f"created at revision {after}"
+    elif before == after:
+        what = f"already at revision {after}"
+    else:
+        what = f"upgraded from {before} to {after}"
+    click.echo(f"database {db.safe_url}: {what}")
+
+
+@click.command()
+@click.option("--host", default=None, help="Listen on this address instead of [server] host.")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Listen on this SMTP port instead of [server] port (0: any free port).",
+)
+@pass_app
+def serve(app: App, host: str | None, port: int | None) -> None:
+    """Run the daemon: SMTP listener, post scheduler, delivery workers, HTTP endpoint.
+
+    Logs go to stderr. SIGTERM or SIGINT stops it gracefully: no new mail is
+    accepted and the batches in hand are finished or handed back (exit 0).
+
+    \b
+    Example:
+      listserv --config /etc/listserv.toml serve --host 0.0.0.0 --port 25
+    """
+    settings = app.settings
+    overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+    if overrides:
+        server = dataclasses.replace(settings.server, **overrides)
+        settings = dataclasses.replace(settings, server=server)
+    level = logging.DEBUG if app.debug else settings.logging.level.upper()
+    logging.basicConfig(format=LOG_FORMAT, level=level, force=True)
+    daemon = Daemon(settings, app.db)
+    try:
+        asyncio.run(_run(daemon))
+    except OSError as exc:  # the listener could not bind: in use, not ours, no permission
+        if app.debug:
+            raise
+        raise click.ClickException(f"cannot start: {exc.strerror or exc}") from exc
+
+
+async def _run(daemon: Daemon) -> None:
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for signum in signals:
+        loop.add_signal_handler(signum, daemon.stop)
+    try:
+        await daemon.run()
+    finally:
+        for signum in signals:
+            loop.remove_signal_handler(signum)
