@@ -54,9 +54,12 @@ def serve(app: App, host: str | None, port: int | None) -> None:
       listserv --config /etc/listserv.toml serve --host 0.0.0.0 --port 25
     """
     settings = app.settings
-    overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
-    if overrides:
-        server = dataclasses.replace(settings.server, **overrides)
+    if host is not None or port is not None:
+        server = dataclasses.replace(
+            settings.server,
+            host=settings.server.host if host is None else host,
+            port=settings.server.port if port is None else port,
+        )
         settings = dataclasses.replace(settings, server=server)
     level = logging.DEBUG if app.debug else settings.logging.level.upper()
     logging.basicConfig(format=LOG_FORMAT, level=level, force=True)

@@ -1,0 +1,53 @@
+"""`listserv inject`: hand a message to intake as if it had arrived by SMTP."""
+
+from __future__ import annotations
+
+from typing import BinaryIO
+
+import click
+
+from listserv import addresses, mail, replies
+from listserv.cli.app import App, pass_app
+from listserv.errors import InvalidInput
+from listserv.smtp_in import intake
+
+
+@click.command()
+@click.argument("address", metavar="LIST")
+@click.argument("file", type=click.File("rb"))
+@click.option(
+    "--sender", default=None, metavar="ADDR", help="Envelope sender. Default: the From: address."
+)
+@pass_app
+def inject(app: App, address: str, file: BinaryIO, sender: str | None) -> None:
+    """Queue the message in FILE ('-': stdin) as if it had been sent to LIST by SMTP.
+
+    It goes through the same checks as mail from the network (posting policy,
+    size, loops). Prints the SMTP reply; exit status 0 on 250, else 1 with the
+    reply as the error.
+
+    \b
+    Example:
+      listserv inject staff@lists.example.org announcement.eml --sender boss@example.org
+    """
+    raw = file.read()
+    limit = app.settings.server.max_message_size
+    if len(raw) > limit:
+        raise click.ClickException(f"{replies.TOO_BIG} ({len(raw)} bytes, limit {limit})")
+    if sender is None:
+        found = mail.addresses(mail.parse(raw), "From")
+        if not found:
+            raise InvalidInput("the message has no From: address; give one with --sender")
+        sender = found[0]
+    envelope = intake.Envelope(
+        mail_from=addresses.normalize(sender),
+        rcpt_tos=(address,),
+        content=raw,
+        peer="listserv inject",
+    )
+    outcome = intake.receive(app.db, envelope)
+    if outcome.reply.code != 250:
+        raise click.ClickException(str(outcome.reply))
+    click.echo(str(outcome.reply))
+    for target, state in outcome.posts.items():
+        click.echo(f"post to {target}: {state.value}")

@@ -1,0 +1,151 @@
+"""`listserv members ...`: add, remove, list, import and export a list's addresses."""
+
+from __future__ import annotations
+
+from typing import BinaryIO
+
+import click
+
+from listserv import lists as store
+from listserv import members as roster
+from listserv.cli.app import App, echo_table, pass_app
+from listserv.models import Role
+
+ROLES = click.Choice([r.value for r in Role])
+
+
+@click.group()
+def members() -> None:
+    """Manage the addresses of a list: members, owners, moderators and authorized senders."""
+
+
+@members.command()
+@click.argument("address", metavar="LIST")
+@click.argument("addrs", metavar="ADDR...", nargs=-1, required=True)
+@click.option("--role", type=ROLES, default=Role.MEMBER.value, show_default=True)
+@click.option("--name", default="", help="Display name for the added addresses.")
+@pass_app
+def add(app: App, address: str, addrs: tuple[str, ...], role: str, name: str) -> None:
+    """Add addresses to a list in one role. Every address is checked before any is added.
+
+    \b
+    Example:
+      listserv members add staff@lists.example.org alice@example.org bob@example.org
+      listserv members add staff@lists.example.org boss@example.org --role sender
+    """
+    with app.db.session() as session:
+        mlist = store.get(session, address)
+        added, present = roster.add(session, mlist, addrs, role=Role(role), name=name)
+    for addr in added:
+        click.echo(f"added {role}: {addr}")
+    for addr in present:
+        click.echo(f"already {_a(role)}: {addr}")
+
+
+@members.command()
+@click.argument("address", metavar="LIST")
+@click.argument("addrs", metavar="ADDR...", nargs=-1, required=True)
+@click.option("--role", type=ROLES, default=None, help="Only in this role. Default: every role.")
+@pass_app
+def remove(app: App, address: str, addrs: tuple[str, ...], role: str | None) -> None:
+    """Remove addresses from a list.
+
+    Exit status 0 when at least one address was removed, 1 when none was found.
+    """
+    with app.db.session() as session:
+        mlist = store.get(session, address)
+        removed, missing = roster.remove(session, mlist, addrs, role=Role(role) if role else None)
+    for addr in removed:
+        click.echo(f"removed {addr}")
+    for addr in missing:
+        click.echo(f"not {_a(role or 'member')}: {addr}", err=True)
+    if not removed:
+        raise click.exceptions.Exit(1)
+
+
+@members.command("list")
+@click.argument("address", metavar="LIST")
+@click.option("--role", type=ROLES, default=None, help="Only this role. Default: every role.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "csv", "json"]),
+    default="table",
+    show_default=True,
+    help="table: 'ADDRESS ROLE NAME' lines, no header (for cut/awk); csv: as `export`.",
+)
+@pass_app
+def list_(app: App, address: str, role: str | None, fmt: str) -> None:
+    """The addresses of a list, one per line, address first.
+
+    \b
+    Example:
+      listserv members list staff@lists.example.org --role member | awk '{print $1}'
+    """
+    with app.db.reading() as session:
+        mlist = store.get(session, address)
+        rows = roster.roster(session, mlist, Role(role) if role else None)
+    if fmt != "table":
+        click.echo(roster.export(rows, fmt), nl=False)
+    elif rows:
+        echo_table([(m.address, m.role.value, m.display_name) for m in rows])
+    else:
+        click.echo("no such addresses" if role else "no members", err=True)
+
+
+@members.command("import")
+@click.argument("address", metavar="LIST")
+@click.argument("file", type=click.File("rb"), metavar="FILE.csv")
+@pass_app
+def import_(app: App, address: str, file: BinaryIO) -> None:
+    """Add the rows of a CSV file with the header 'address,name,role' ('-': stdin).
+
+    Only the address column is required; role defaults to member. Rows already
+    present are skipped and invalid rows reported by line number; the rest are
+    imported (exit 0). A file that cannot be read as such a CSV imports nothing
+    (exit 1).
+
+    \b
+    Example:
+      listserv members import staff@lists.example.org people.csv
+    """
+    data = file.read()
+    with app.db.session() as session:
+        mlist = store.get(session, address)
+        report = roster.import_csv(session, mlist, data)
+    click.echo(
+        f"added {report.added}, skipped {len(report.skipped)}, invalid {len(report.invalid)}"
+    )
+    problems = [(line, "skipped", why) for line, why in report.skipped]
+    problems += [(line, "invalid", why) for line, why in report.invalid]
+    for line, kind, why in sorted(problems):
+        click.echo(f"line {line}: {kind}: {why}")
+    if report.invalid:
+        click.echo(
+            f"{len(report.invalid)} invalid row(s) were not imported: fix them and import again",
+            err=True,
+        )
+
+
+@members.command()
+@click.argument("address", metavar="LIST")
+@click.option(
+    "--format", "fmt", type=click.Choice(["csv", "json"]), default="csv", show_default=True
+)
+@pass_app
+def export(app: App, address: str, fmt: str) -> None:
+    """Write every address of a list, in every role, as CSV (address,name,role) or JSON.
+
+    The CSV can be imported again, into this list or another.
+
+    \b
+    Example:
+      listserv members export staff@lists.example.org > staff.csv
+    """
+    with app.db.reading() as session:
+        rows = roster.roster(session, store.get(session, address))
+    click.echo(roster.export(rows, fmt), nl=False)
+
+
+def _a(role: str) -> str:
+    return f"an {role}" if role[0] in "aeiou" else f"a {role}"
