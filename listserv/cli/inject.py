@@ -8,7 +8,7 @@ import click
 
 from listserv import addresses, mail, replies
 from listserv.cli.app import App, pass_app
-from listserv.errors import InvalidInput
+from listserv.errors import InvalidInput, NotFound
 from listserv.smtp_in import intake
 
 
@@ -20,11 +20,11 @@ from listserv.smtp_in import intake
 )
 @pass_app
 def inject(app: App, address: str, file: BinaryIO, sender: str | None) -> None:
-    """Queue the message in FILE ('-': stdin) as if it had been sent to LIST by SMTP.
+    """Queue a message as if it had arrived by SMTP.
 
-    It goes through the same checks as mail from the network (posting policy,
-    size, loops). Prints the SMTP reply; exit status 0 on 250, else 1 with the
-    reply as the error.
+    FILE ('-': stdin) goes through the same checks as mail sent to LIST from
+    the network (posting policy, size, loops). Prints the SMTP reply; exit
+    status 0 on 250, else 1 with the reply as the error.
 
     \b
     Example:
@@ -34,6 +34,8 @@ def inject(app: App, address: str, file: BinaryIO, sender: str | None) -> None:
     limit = app.settings.server.max_message_size
     if len(raw) > limit:
         raise click.ClickException(f"{replies.TOO_BIG} ({len(raw)} bytes, limit {limit})")
+    if isinstance(intake.resolve(app.db, address), replies.Reply):
+        raise NotFound(f"no such list: {address}")
     if sender is None:
         found = mail.addresses(mail.parse(raw), "From")
         if not found:

@@ -16,7 +16,11 @@ ROLES = click.Choice([r.value for r in Role])
 
 @click.group()
 def members() -> None:
-    """Manage the addresses of a list: members, owners, moderators and authorized senders."""
+    """Manage a list's addresses and their roles.
+
+    Roles: member (receives posts), owner, moderator, and sender (an authorized
+    sender, who may post to an announce list).
+    """
 
 
 @members.command()
@@ -26,7 +30,9 @@ def members() -> None:
 @click.option("--name", default="", help="Display name for the added addresses.")
 @pass_app
 def add(app: App, address: str, addrs: tuple[str, ...], role: str, name: str) -> None:
-    """Add addresses to a list in one role. Every address is checked before any is added.
+    """Add addresses to a list, in one role.
+
+    Every address is checked before any is added.
 
     \b
     Example:
@@ -98,12 +104,12 @@ def list_(app: App, address: str, role: str | None, fmt: str) -> None:
 @click.argument("file", type=click.File("rb"), metavar="FILE.csv")
 @pass_app
 def import_(app: App, address: str, file: BinaryIO) -> None:
-    """Add the rows of a CSV file with the header 'address,name,role' ('-': stdin).
+    """Add addresses from a CSV file.
 
-    Only the address column is required; role defaults to member. Rows already
-    present are skipped and invalid rows reported by line number; the rest are
-    imported (exit 0). A file that cannot be read as such a CSV imports nothing
-    (exit 1).
+    FILE ('-': stdin) has the header 'address,name,role'; only the address
+    column is required, and role defaults to member. Rows already present are
+    skipped and invalid rows reported by line number; the rest are imported
+    (exit 0). A file that cannot be read as such a CSV imports nothing (exit 1).
 
     \b
     Example:
@@ -134,9 +140,10 @@ def import_(app: App, address: str, file: BinaryIO) -> None:
 )
 @pass_app
 def export(app: App, address: str, fmt: str) -> None:
-    """Write every address of a list, in every role, as CSV (address,name,role) or JSON.
+    """Write a list's addresses as CSV or JSON.
 
-    The CSV can be imported again, into this list or another.
+    Every role is included. The CSV (address,name,role) can be imported again,
+    into this list or another.
 
     \b
     Example:

@@ -18,10 +18,11 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 @click.command()
 @pass_app
 def init(app: App) -> None:
-    """Create the database schema, or upgrade it to this version's newest revision.
+    """Create or upgrade the database schema.
 
-    Safe to run again: an up-to-date database is left alone. Run it after
-    installing and after every upgrade of listserv.
+    Brings the schema to this version's newest revision. Safe to run again: an
+    up-to-date database is left alone. Run it after installing and after every
+    upgrade of listserv.
     """
     db = app.database()
     before, after = db.upgrade()
@@ -44,10 +45,12 @@ def init(app: App) -> None:
 )
 @pass_app
 def serve(app: App, host: str | None, port: int | None) -> None:
-    """Run the daemon: SMTP listener, post scheduler, delivery workers, HTTP endpoint.
+    """Run the daemon (SMTP in, delivery, HTTP).
 
-    Logs go to stderr. SIGTERM or SIGINT stops it gracefully: no new mail is
-    accepted and the batches in hand are finished or handed back (exit 0).
+    One process runs the SMTP listener, the post scheduler, the delivery
+    workers and the HTTP endpoint; logs go to stderr. SIGTERM or SIGINT stops
+    it gracefully: no new mail is accepted, and the batches in hand are
+    finished or handed back (exit 0).
 
     \b
     Example:
@@ -63,6 +66,8 @@ def serve(app: App, host: str | None, port: int | None) -> None:
         settings = dataclasses.replace(settings, server=server)
     level = logging.DEBUG if app.debug else settings.logging.level.upper()
     logging.basicConfig(format=LOG_FORMAT, level=level, force=True)
+    if not app.debug:  # alembic logs two INFO lines each time the schema revision is read
+        logging.getLogger("alembic").setLevel(logging.WARNING)
     daemon = Daemon(settings, app.db)
     try:
         asyncio.run(_run(daemon))

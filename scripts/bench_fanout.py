@@ -1,0 +1,230 @@
+#!/usr/bin/env python3
+"""Fan-out benchmark: one post to a list of N members, through the real daemon.
+
+Creates a list of N members spread over many domains (imported with
+`listserv members import`, which is timed too), starts a counting SMTP sink
+and `listserv serve` in their own processes, posts one message over SMTP,
+and prints:
+
+- recipients/second from the 250 reply to our post to the last recipient
+  accepted at the sink;
+- the daemon's peak RSS (VmHWM);
+- for comparison, a bare aiosmtplib loop (same sink, same recipients,
+  500 per transaction, same connection count) measured in the same run.
+
+It asserts nothing; it prints figures. Everything runs on 127.0.0.1.
+
+    python scripts/bench_fanout.py --members 10000 [--mode shared|personalized]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SINK = ROOT / "tests" / "sink.py"
+LISTSERV = [sys.executable, "-m", "listserv.cli"]
+LIST = "all@lists.example.org"
+SENDER = "president@example.org"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"process exited with {proc.returncode} before listening")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise SystemExit(f"nothing listening on {port} after {timeout}s")
+
+
+class SinkProcess:
+    """tests/sink.py in counting mode, in its own process (so it does not share our CPU)."""
+
+    def __init__(self, workdir: Path) -> None:
+        ready = workdir / "sink.port"
+        self.proc = subprocess.Popen(
+            [sys.executable, str(SINK), "--port", "0", "--ready-file", str(ready)],
+            stdout=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 20
+        while not ready.exists():
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise SystemExit("the sink did not start")
+            time.sleep(0.02)
+        self.port = int(ready.read_text())
+
+    def finish(self) -> dict[str, float]:
+        self.proc.send_signal(signal.SIGTERM)
+        out, _ = self.proc.communicate(timeout=30)
+        return dict(json.loads(out.decode().strip().splitlines()[-1]))
+
+
+def run(cmd: list[str], env: dict[str, str], **kw: object) -> subprocess.CompletedProcess[bytes]:
+    result = subprocess.run(cmd, env=env, capture_output=True, **kw)  # type: ignore[call-overload]
+    if result.returncode != 0:
+        sys.stderr.write(result.stderr.decode())
+        raise SystemExit(f"failed: {' '.join(cmd)}")
+    return result  # type: ignore[no-any-return]
+
+
+def post_message(size: int) -> bytes:
+    body = ("All staff: the building is closed on Friday. " * 200)[:size]
+    lines = [body[i : i + 70] for i in range(0, len(body), 70)]
+    text = (
+        f"From: President <{SENDER}>\r\nTo: {LIST}\r\nSubject: Closure\r\n"
+        "Message-ID: <bench@example.org>\r\nMIME-Version: 1.0\r\n"
+        "Content-Type: text/plain; charset=us-ascii\r\n\r\n" + "\r\n".join(lines) + "\r\n"
+    )
+    return text.encode()
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def bare_loop(port: int, rcpts: list[str], message: bytes, connections: int) -> float:
+    """The yardstick: aiosmtplib alone, 500 recipients per transaction."""
+    import aiosmtplib
+
+    chunks = [rcpts[i : i + 500] for i in range(0, len(rcpts), 500)]
+    queue: asyncio.Queue[list[str]] = asyncio.Queue()
+    for chunk in chunks:
+        queue.put_nowait(chunk)
+
+    async def worker() -> None:
+        smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=60)
+        await smtp.connect()
+        while not queue.empty():
+            chunk = queue.get_nowait()
+            await smtp.sendmail(SENDER, chunk, message)
+        await smtp.quit()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(connections)))
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--members", type=int, default=10000)
+    parser.add_argument("--mode", choices=("shared", "personalized"), default="shared")
+    parser.add_argument("--domains", type=int, default=200, help="spread members over this many")
+    parser.add_argument("--connections", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=500, help="max recipients per transaction")
+    parser.add_argument("--size", type=int, default=4000, help="body size in bytes")
+    parser.add_argument(
+        "--database", default="", help="SQLAlchemy URL (default: SQLite in a temp dir)"
+    )
+    parser.add_argument("--dkim", action="store_true", help="sign with a 2048-bit key")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the bare aiosmtplib loop")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="listserv-bench-"))
+    smtp_port = free_port()
+    db_url = args.database or f"sqlite:///{work}/bench.db"
+    sink = SinkProcess(work)
+    config = work / "listserv.toml"
+    config.write_text(
+        f'[server]\nhost = "127.0.0.1"\nport = {smtp_port}\nhostname = "lists.example.org"\n'
+        f'[database]\nurl = "{db_url}"\n'
+        f'[delivery]\nhost = "127.0.0.1"\nport = {sink.port}\n'
+        f"max_connections = {args.connections}\nmax_recipients_per_message = {args.batch}\n"
+        "poll_interval = 0.5\n"
+        f'[dkim]\nkeys_dir = "{work}/dkim"\n'
+        "[http]\nenabled = false\n"
+        '[logging]\nlevel = "WARNING"\n'
+    )
+    env = dict(os.environ, LISTSERV_CONFIG=str(config))
+    daemon: subprocess.Popen[bytes] | None = None
+    try:
+        run([*LISTSERV, "init"], env)
+        run([*LISTSERV, "lists", "create", LIST, "--policy", "announce", "--mode", args.mode], env)
+        run([*LISTSERV, "members", "add", LIST, SENDER, "--role", "sender"], env)
+        if args.dkim:
+            run([*LISTSERV, "dkim", "keygen", "lists.example.org", "--selector", "bench"], env)
+        rcpts = [f"member{i}@d{i % args.domains}.example" for i in range(args.members)]
+        csv_path = work / "members.csv"
+        csv_path.write_text("address,name,role\n" + "".join(f"{a},,member\n" for a in rcpts))
+        started = time.perf_counter()
+        run([*LISTSERV, "members", "import", LIST, str(csv_path)], env)
+        import_s = time.perf_counter() - started
+
+        daemon = subprocess.Popen([*LISTSERV, "serve"], env=env)
+        wait_port(smtp_port, daemon)
+        message = post_message(args.size)
+        with smtplib.SMTP("127.0.0.1", smtp_port, timeout=60) as client:
+            client.sendmail(SENDER, [LIST], message)
+            accepted_at = time.time()  # right after the 250 to DATA
+        sys.path.insert(0, str(ROOT))
+        from listserv.db import Database
+        from listserv.models import Post, PostState
+
+        db = Database(db_url)
+        deadline = time.monotonic() + 600
+        while True:
+            with db.reading() as session:
+                post = session.get(Post, 1)
+                state = post.state if post else None
+            if state in (PostState.SENT, PostState.FAILED) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        rss = peak_rss_mib(daemon.pid)
+        counts = sink.finish()
+        db.dispose()
+    finally:
+        if daemon is not None and daemon.poll() is None:
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait(timeout=60)
+        if sink.proc.poll() is None:
+            sink.proc.kill()
+
+    elapsed = float(counts["last"]) - accepted_at
+    print(f"members:            {args.members} over {args.domains} domains, mode {args.mode}")
+    print(f"import:             {import_s:.2f} s ({args.members / import_s:,.0f} members/s)")
+    print(f"post state:         {state}")
+    print(f"received at sink:   {counts['recipients']} recipients in {counts['messages']} messages")
+    print(f"250 -> last rcpt:   {elapsed:.2f} s")
+    print(f"throughput:         {args.members / elapsed:,.0f} recipients/s")
+    print(f"daemon peak RSS:    {rss:.1f} MiB")
+    if not args.no_baseline:
+        base_sink = SinkProcess(work)
+        seconds = asyncio.run(bare_loop(base_sink.port, rcpts, message, args.connections))
+        base_sink.finish()
+        print(
+            f"bare aiosmtplib:    {seconds:.2f} s ({args.members / seconds:,.0f} recipients/s, "
+            f"{args.connections} connections, 500 per transaction); listserv reaches "
+            f"{seconds / elapsed:.0%} of it"
+        )
+    if args.keep:
+        print(f"work directory:     {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
