@@ -27,6 +27,7 @@ from listserv.cli import cli
 from listserv.errors import NotFound
 
 LIST = "staff@lists.example.org"
+CLI = (sys.executable, "-m", "listserv.cli")
 Run = Callable[..., Result]
 
 
@@ -143,12 +144,8 @@ def test_lists_create_list_show(run: Run) -> None:
     assert shown["address"] == LIST
     assert shown["posting_policy"] == "members"
     assert shown["subject_prefix"] == "[staff]"
-    assert (shown["members"], shown["owners"], shown["moderators"], shown["senders"]) == (
-        "2",
-        "1",
-        "0",
-        "0",
-    )
+    counts = [shown[role] for role in ("members", "owners", "moderators", "senders")]
+    assert counts == ["2", "1", "0", "0"]
 
 
 def test_lists_create_twice_is_one_error_line(run: Run) -> None:
@@ -200,8 +197,7 @@ def test_lists_delete_asks_on_a_terminal(
     try:
         os.write(primary, f"{answer}\n".encode())  # typed ahead: the terminal buffers it
         proc = subprocess.run(
-            [sys.executable, "-m", "listserv.cli", "--config", str(config_file)]
-            + ["lists", "delete", LIST],
+            [*CLI, "--config", str(config_file), "lists", "delete", LIST],
             stdin=secondary,
             capture_output=True,
             text=True,
@@ -224,15 +220,16 @@ def test_members_add_list_remove(run: Run) -> None:
     ok(run("lists", "create", LIST, "--owner", "boss@example.org"))
     out = ok(run("members", "add", LIST, "a@example.org", "B@Example.ORG", "--name", "Al"))
     assert out == "added member: a@example.org\nadded member: B@example.org\n"
-    assert ok(run("members", "add", LIST, "a@example.org")) == ("already a member: a@example.org\n")
+    again = ok(run("members", "add", LIST, "a@example.org"))
+    assert again == "already a member: a@example.org\n"
     ok(run("members", "add", LIST, "mod@example.org", "--role", "moderator"))
 
     lines = ok(run("members", "list", LIST)).splitlines()
     assert [line.split() for line in lines] == [
         ["B@example.org", "member", "Al"],
         ["a@example.org", "member", "Al"],
-        ["boss@example.org", "owner"],
         ["mod@example.org", "moderator"],
+        ["boss@example.org", "owner"],
     ]
     only = ok(run("members", "list", LIST, "--role", "owner"))
     assert only.split() == ["boss@example.org", "owner"]
@@ -502,7 +499,7 @@ def test_installed_script_reports_a_missing_config_in_one_line(tmp_path: Path) -
 
 def test_module_entry_point_runs_commands(tmp_path: Path) -> None:
     config = write_config(tmp_path)
-    base = [sys.executable, "-m", "listserv.cli", "--config", str(config)]
+    base = [*CLI, "--config", str(config)]
     for args, code in ((["lists", "list"], 1), (["init"], 0), (["lists", "list"], 0)):
         proc = subprocess.run(
             base + args, capture_output=True, text=True, timeout=60, env=_clean_env()
@@ -524,7 +521,7 @@ def serve_config(tmp_path: Path) -> Iterator[Path]:
         poll_interval = 0.05
         """,
     )
-    init = [sys.executable, "-m", "listserv.cli", "--config", str(config), "init"]
+    init = [*CLI, "--config", str(config), "init"]
     subprocess.run(init, check=True, capture_output=True, timeout=60, env=_clean_env())
     yield config
 
@@ -570,7 +567,7 @@ class StderrLog:
 
 def test_serve_answers_smtp_and_stops_on_sigterm(serve_config: Path) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "listserv.cli", "--config", str(serve_config), "serve"],
+        [*CLI, "--config", str(serve_config), "serve"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -600,8 +597,7 @@ def test_serve_on_a_port_in_use_is_one_error_line(serve_config: Path) -> None:
         taken.listen()
         port = taken.getsockname()[1]
         proc = subprocess.run(
-            [sys.executable, "-m", "listserv.cli", "--config", str(serve_config)]
-            + ["serve", "--port", str(port)],
+            [*CLI, "--config", str(serve_config), "serve", "--port", str(port)],
             capture_output=True,
             text=True,
             timeout=60,

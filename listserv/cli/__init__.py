@@ -1,7 +1,7 @@
 """The ``listserv`` command: one click group, one module per noun.
 
-Errors are mapped here, once: a `ListservError` (and a database that cannot be
-used) becomes a one-line ``Error: ...`` with exit status 1; click's own usage
+Errors are mapped here, once: a `ListservError` (and any database error)
+becomes a one-line ``Error: ...`` with exit status 1; click's own usage
 errors exit with 2. ``--debug`` lets the original exception and its traceback
 through instead.
 """
@@ -32,13 +32,14 @@ class ListservGroup(click.Group):
             if _debug(ctx):
                 raise
             raise click.ClickException(one_line(str(exc))) from exc
-        except sa.exc.OperationalError as exc:
+        except sa.exc.DBAPIError as exc:  # locked, unreachable, or a schema behind the code
             if _debug(ctx):
                 raise
             reason = one_line(str(exc.orig if exc.orig is not None else exc))
-            raise click.ClickException(
-                f"database error: {reason} (is the database initialized? run `listserv init`)"
-            ) from exc
+            hint = ""
+            if "no such table" in reason or "does not exist" in reason:
+                hint = " (is the database initialized? run `listserv init`)"
+            raise click.ClickException(f"database error: {reason}{hint}") from exc
         except Exception as exc:
             if _debug(ctx) or (isinstance(exc, OSError) and exc.errno == errno.EPIPE):
                 raise  # click itself handles a closed pipe (`listserv ... | head`)
