@@ -23,6 +23,7 @@ run: install
 lint: install
 	$(BIN)/ruff check listserv tests scripts
 	$(BIN)/ruff format --check listserv tests scripts
+	$(BIN)/mypy
 
 test: install lint
 	$(BIN)/pytest

@@ -66,38 +66,25 @@ class Daemon:
             s.server.host,
             s.server.port,
         )
-        self.smtp_port = server.sockets[0].getsockname()[1]
         runner: web.AppRunner | None = None
-        if s.http.enabled:
-            runner = web.AppRunner(http.make_app(self.db), access_log=None)
-            await runner.setup()
-            site = web.TCPSite(runner, s.http.host, s.http.port)
-            await site.start()
-            self.http_port = runner.addresses[0][1]
-        log.info(
-            "listening for SMTP on %s:%d%s; delivering via %s:%d with %d connections",
-            s.server.host,
-            self.smtp_port,
-            f", HTTP on {s.http.host}:{self.http_port}" if runner else "",
-            s.delivery.host,
-            s.delivery.port,
-            s.delivery.max_connections,
-        )
-        tasks: list[asyncio.Task[None]] = []
         try:
-            async with asyncio.TaskGroup() as group:
-                tasks.append(group.create_task(self._scheduler()))
-                for i in range(s.delivery.max_connections):
-                    tasks.append(group.create_task(self._worker(i)))
-                self.ready.set()
-                await self._stop.wait()
-                log.info("shutting down: no new mail accepted, finishing batches in hand")
-                server.close()
-                self._posts_waiting.set()
-                self._batches_waiting.set()
-                _done, pending = await asyncio.wait(tasks, timeout=SHUTDOWN_TIMEOUT)
-                for task in pending:
-                    task.cancel()
+            self.smtp_port = server.sockets[0].getsockname()[1]
+            if s.http.enabled:
+                runner = web.AppRunner(http.make_app(self.db), access_log=None)
+                await runner.setup()
+                site = web.TCPSite(runner, s.http.host, s.http.port)
+                await site.start()
+                self.http_port = runner.addresses[0][1]
+            log.info(
+                "listening for SMTP on %s:%d%s; delivering via %s:%d with %d connections",
+                s.server.host,
+                self.smtp_port,
+                f", HTTP on {s.http.host}:{self.http_port}" if runner else "",
+                s.delivery.host,
+                s.delivery.port,
+                s.delivery.max_connections,
+            )
+            await self._serve_until_stopped(server)
         finally:
             server.close()
             await server.wait_closed()
@@ -105,6 +92,22 @@ class Daemon:
                 await runner.cleanup()
             self.db.dispose()
             log.info("stopped")
+
+    async def _serve_until_stopped(self, server: asyncio.Server) -> None:
+        tasks: list[asyncio.Task[None]] = []
+        async with asyncio.TaskGroup() as group:
+            tasks.append(group.create_task(self._scheduler()))
+            for i in range(self.settings.delivery.max_connections):
+                tasks.append(group.create_task(self._worker(i)))
+            self.ready.set()
+            await self._stop.wait()
+            log.info("shutting down: no new mail accepted, finishing batches in hand")
+            server.close()
+            self._posts_waiting.set()
+            self._batches_waiting.set()
+            _done, pending = await asyncio.wait(tasks, timeout=SHUTDOWN_TIMEOUT)
+            for task in pending:
+                task.cancel()
 
     # -- scheduler: accepted posts -> batches ---------------------------------------
 

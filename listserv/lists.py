@@ -27,6 +27,7 @@ SETTINGS: dict[str, type[Any]] = {
     "description": str,
     "footer": str,
 }
+LIMITS = {"subject_prefix": 100, "description": 255}
 ALIASES = {"policy": "posting_policy", "mode": "delivery_mode"}
 
 
@@ -58,6 +59,9 @@ def create(
     actor: str = "cli",
 ) -> MailingList:
     name, domain = addresses.list_name(address)
+    for key, value in (("description", description), ("subject_prefix", subject_prefix or "")):
+        if len(value) > LIMITS[key]:
+            raise InvalidInput(f"{key}: at most {LIMITS[key]} characters")
     if find(session, f"{name}@{domain}") is not None:
         raise AlreadyExists(f"list already exists: {name}@{domain}")
     owner_addrs = [addresses.normalize(o) for o in owners]
@@ -105,8 +109,9 @@ def set_setting(
         except ValueError:
             choices = ", ".join(m.value for m in kind)
             raise InvalidInput(f"{key}: {value!r} is not one of {choices}") from None
-    if key == "subject_prefix" and len(value) > 100:
-        raise InvalidInput("subject_prefix: at most 100 characters")
+    limit = LIMITS.get(key)
+    if limit is not None and len(value) > limit:
+        raise InvalidInput(f"{key}: at most {limit} characters")
     setattr(mlist, key, parsed)
     audit(session, actor, "list.set", mlist.address, f"{key}={value}")
 

@@ -95,7 +95,17 @@ def roster(session: Session, mlist: MailingList, role: Role | None = None) -> li
     stmt = sa.select(Member).where(Member.list_id == mlist.id)
     if role is not None:
         stmt = stmt.where(Member.role == role)
-    return list(session.scalars(stmt.order_by(Member.role, Member.address)))
+    order = sa.case({r: i for i, r in enumerate(Role)}, value=Member.role)
+    return list(session.scalars(stmt.order_by(order, sa.func.lower(Member.address))))
+
+
+def count_by_role(session: Session, mlist: MailingList) -> dict[Role, int]:
+    rows = session.execute(
+        sa.select(Member.role, sa.func.count(Member.id))
+        .where(Member.list_id == mlist.id)
+        .group_by(Member.role)
+    )
+    return {role: n for role, n in rows}
 
 
 def roles_of(session: Session, mlist: MailingList, addrs: Iterable[str]) -> set[Role]:

@@ -36,7 +36,7 @@ def keygen(app: App, domain: str, selector: str, bits: str) -> None:
     """
     keys_dir = app.settings.keys_dir
     key = keys.generate_key(keys_dir, domain, selector, int(bits))
-    path = keys_dir / key.domain / f"{key.selector}.pem"
+    path = key.path(keys_dir)
     click.echo(f"wrote {path} (now the active DKIM key for {key.domain})")
     click.echo("publish this DNS record:")
     click.echo(key.dns_record())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from collections import Counter
 
 import click
 
@@ -94,7 +93,7 @@ def show(app: App, address: str) -> None:
     with app.db.reading() as session:
         mlist = store.get(session, address)
         settings = store.settings_of(mlist)
-        counts = Counter(m.role for m in roster.roster(session, mlist))
+        counts = roster.count_by_role(session, mlist)
     rows: list[tuple[str, object]] = [(f"{k}:", v) for k, v in settings.items()]
     rows += [(f"{role.value}s:", counts.get(role, 0)) for role in Role]
     echo_table(rows)
@@ -137,7 +136,7 @@ def delete(app: App, address: str, yes: bool) -> None:
     with app.db.reading() as session:
         mlist = store.get(session, address)
         target = mlist.address
-        count = len(roster.roster(session, mlist))
+        count = sum(roster.count_by_role(session, mlist).values())
     if not yes:
         if not sys.stdin.isatty():
             raise click.ClickException(

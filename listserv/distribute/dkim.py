@@ -82,6 +82,10 @@ class SigningKey:
         )
         return f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode('ascii')}"
 
+    def path(self, keys_dir: Path) -> Path:
+        """Where the private key lives under keys_dir."""
+        return keys_dir / self.domain / f"{self.selector}.pem"
+
     def dns_record(self) -> str:
         """The record to publish, as one zone-file line.
 
