@@ -226,10 +226,10 @@ def test_members_add_list_remove(run: Run) -> None:
 
     lines = ok(run("members", "list", LIST)).splitlines()
     assert [line.split() for line in lines] == [
-        ["B@example.org", "member", "Al"],
         ["a@example.org", "member", "Al"],
-        ["mod@example.org", "moderator"],
+        ["B@example.org", "member", "Al"],
         ["boss@example.org", "owner"],
+        ["mod@example.org", "moderator"],
     ]
     only = ok(run("members", "list", LIST, "--role", "owner"))
     assert only.split() == ["boss@example.org", "owner"]
