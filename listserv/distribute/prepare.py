@@ -63,8 +63,7 @@ def list_headers(view: ListView) -> decorate.ListHeaders:
 
 
 def footer_text(view: ListView, recipient: str | None = None) -> str:
-    lines = ["_______________________________________________"]
-    lines.append(f"{view.description or view.address()} mailing list")
+    lines = [f"{view.description or view.address()} mailing list"]
     if view.footer:
         lines.append(view.footer)
     if recipient:
