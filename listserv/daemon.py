@@ -21,7 +21,7 @@ from listserv.config import Settings
 from listserv.db import Database
 from listserv.distribute import prepare, queue, sender
 from listserv.distribute.queue import ClaimedBatch, RecipientResult
-from listserv.models import DeliveryMode, MailingList, RecipientState
+from listserv.models import BatchState, DeliveryMode, MailingList, RecipientState
 from listserv.smtp_in.handler import InboundHandler, ListservSMTP
 
 log = logging.getLogger("listserv.daemon")
@@ -140,14 +140,23 @@ class Daemon:
     # -- workers: batches -> SMTP ---------------------------------------------------
 
     async def _worker(self, index: int) -> None:
+        """Claim, send, record; the record of one batch and the claim of the next share
+        one transaction, which halves the commits per batch."""
         worker = queue.worker_id(index)
         lease = timedelta(seconds=self.settings.delivery.lease_seconds)
         conn = sender.Connection(self.settings.delivery, self.settings.server.hostname)
+        done: tuple[ClaimedBatch, list[RecipientResult]] | None = None
         try:
-            while not self._stop.is_set():
+            while True:
+                stopping = self._stop.is_set()
                 claimed: ClaimedBatch | None = None
                 with _logged(f"worker {index}"):
-                    claimed = await asyncio.to_thread(self._claim, worker, lease)
+                    claimed = await asyncio.to_thread(
+                        self._complete_and_claim, done, worker, None if stopping else lease
+                    )
+                    done = None
+                if stopping:
+                    return
                 if claimed is None:
                     await _wait(self._batches_waiting, self.settings.delivery.poll_interval)
                     continue
@@ -157,45 +166,37 @@ class Daemon:
                     self._release(claimed.id, worker)
                     raise
                 except Exception as exc:
-                    log.exception(
-                        "batch %d of post %d: internal error", claimed.id, claimed.post_id
-                    )
+                    log.exception("post %d batch %d: internal error", claimed.post_id, claimed.id)
+                    detail = f"internal error: {exc}"
                     results = [
-                        RecipientResult(
-                            rid, RecipientState.DEFERRED, None, f"internal error: {exc}"
-                        )
+                        RecipientResult(rid, RecipientState.DEFERRED, None, detail)
                         for rid, _ in claimed.recipients
                     ]
-                await asyncio.to_thread(self._complete, claimed, results)
+                done = (claimed, results)
         finally:
             await conn.close()
 
-    def _claim(self, worker: str, lease: timedelta) -> ClaimedBatch | None:
-        with self.db.session() as session:
-            return queue.claim_batch(session, worker=worker, lease=lease)
+    def _complete_and_claim(
+        self,
+        done: tuple[ClaimedBatch, list[RecipientResult]] | None,
+        worker: str,
+        lease: timedelta | None,
+    ) -> ClaimedBatch | None:
+        """Record a sent batch (if any) and lease the next (unless lease is None)."""
+        state = None
+        with self.db.session(durable=False) as session:
+            if done is not None:
+                state = queue.complete_batch(session, done[0].id, done[1], self.settings.delivery)
+            claimed = None
+            if lease is not None:
+                claimed = queue.claim_batch(session, worker=worker, lease=lease)
+        if done is not None and state is not None:
+            _log_batch(done[0], done[1], state)
+        return claimed
 
     def _release(self, batch_id: int, worker: str) -> None:
-        with self.db.session() as session:
+        with self.db.session(durable=False) as session:
             queue.release(session, batch_id, worker)
-
-    def _complete(self, batch: ClaimedBatch, results: list[RecipientResult]) -> None:
-        with self.db.session() as session:
-            state = queue.complete_batch(session, batch.id, results, self.settings.delivery)
-        counts: dict[str, int] = {}
-        for r in results:
-            counts[r.outcome.value] = counts.get(r.outcome.value, 0) + 1
-        summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
-        level = logging.INFO if counts.get("delivered") == len(results) else logging.WARNING
-        log.log(
-            level,
-            "post %d batch %d (%s, attempt %d): %s; batch %s",
-            batch.post_id,
-            batch.id,
-            batch.domain,
-            batch.attempts,
-            summary,
-            state.value,
-        )
 
     async def _deliver(self, conn: sender.Connection, batch: ClaimedBatch) -> list[RecipientResult]:
         message, view = await asyncio.to_thread(self._prepared, batch)
@@ -227,6 +228,24 @@ class Daemon:
         while len(self._cache) > 8:
             self._cache.popitem(last=False)
         return data, view
+
+
+def _log_batch(batch: ClaimedBatch, results: list[RecipientResult], state: BatchState) -> None:
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r.outcome.value] = counts.get(r.outcome.value, 0) + 1
+    summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+    level = logging.INFO if counts.get("delivered") == len(results) else logging.WARNING
+    log.log(
+        level,
+        "post %d batch %d (%s, attempt %d): %s; batch %s",
+        batch.post_id,
+        batch.id,
+        batch.domain,
+        batch.attempts,
+        summary,
+        state.value,
+    )
 
 
 async def _wait(event: asyncio.Event, timeout: float) -> None:

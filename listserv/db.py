@@ -43,8 +43,15 @@ class Database:
         if self.is_sqlite:
             _configure_sqlite(self.engine)
         self._write = sessionmaker(self.engine, expire_on_commit=False)
-        reader = self.engine.execution_options(sqlite_begin="DEFERRED") if self.is_sqlite else None
-        self._read = sessionmaker(reader or self.engine, expire_on_commit=False)
+        fast: sa.Engine
+        reader: sa.Engine
+        if self.is_sqlite:
+            fast = self.engine.execution_options(sqlite_sync="NORMAL")
+            reader = self.engine.execution_options(sqlite_begin="DEFERRED")
+        else:
+            fast = reader = self.engine
+        self._fast = sessionmaker(fast, expire_on_commit=False)
+        self._read = sessionmaker(reader, expire_on_commit=False)
 
     @property
     def sqlite_path(self) -> Path | None:
@@ -54,9 +61,18 @@ class Database:
         return Path(db)
 
     @contextmanager
-    def session(self) -> Iterator[Session]:
-        """A write transaction: committed on success, rolled back on error."""
-        with self._write.begin() as session:
+    def session(self, *, durable: bool = True) -> Iterator[Session]:
+        """A write transaction: committed on success, rolled back on error.
+
+        durable=False skips the flush to disk at commit (SQLite: synchronous=NORMAL;
+        PostgreSQL: synchronous_commit off). Still safe against a crashed or killed
+        process; a power cut may forget the last such commits. Use it only where
+        forgetting is harmless: queue bookkeeping, which then redelivers rather than
+        loses. Mail is always stored with durable=True.
+        """
+        with (self._write if durable else self._fast).begin() as session:
+            if not durable and not self.is_sqlite:
+                session.execute(sa.text("SET LOCAL synchronous_commit TO OFF"))
             yield session
 
     @contextmanager
@@ -126,12 +142,12 @@ def _configure_sqlite(engine: sa.Engine) -> None:
         dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
         cursor = dbapi_conn.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.close()
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: sa.Connection) -> None:
-        mode = conn.get_execution_options().get("sqlite_begin", "IMMEDIATE")
-        conn.exec_driver_sql(f"BEGIN {mode}")
+        options = conn.get_execution_options()
+        conn.exec_driver_sql(f"PRAGMA synchronous={options.get('sqlite_sync', 'FULL')}")
+        conn.exec_driver_sql(f"BEGIN {options.get('sqlite_begin', 'IMMEDIATE')}")

@@ -59,13 +59,28 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -
 
 
 class SinkProcess:
-    """tests/sink.py in counting mode, in its own process (so it does not share our CPU)."""
+    """A counting SMTP sink in its own process (so it does not share our CPU).
 
-    def __init__(self, workdir: Path) -> None:
-        ready = workdir / "sink.port"
+    kind "python" is tests/sink.py, which reports the time of the last
+    recipient; kind "smtp-sink" is Postfix's C sink (much faster), for which the
+    end is the post's finished_at in the database.
+    """
+
+    def __init__(self, workdir: Path, kind: str = "python") -> None:
+        self.kind = kind
+        if kind == "smtp-sink":
+            self.port = free_port()
+            self.proc = subprocess.Popen(
+                ["smtp-sink", "-u", "nobody", f"127.0.0.1:{self.port}", "1000"],
+                start_new_session=True,
+            )
+            wait_port(self.port, self.proc)
+            return
+        ready = workdir / f"sink-{time.monotonic_ns()}.port"
         self.proc = subprocess.Popen(
             [sys.executable, str(SINK), "--port", "0", "--ready-file", str(ready)],
             stdout=subprocess.PIPE,
+            start_new_session=True,
         )
         deadline = time.monotonic() + 20
         while not ready.exists():
@@ -75,6 +90,10 @@ class SinkProcess:
         self.port = int(ready.read_text())
 
     def finish(self) -> dict[str, float]:
+        if self.kind == "smtp-sink":
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+            return {}
         self.proc.send_signal(signal.SIGTERM)
         out, _ = self.proc.communicate(timeout=30)
         return dict(json.loads(out.decode().strip().splitlines()[-1]))
@@ -140,14 +159,23 @@ def main() -> None:
         "--database", default="", help="SQLAlchemy URL (default: SQLite in a temp dir)"
     )
     parser.add_argument("--dkim", action="store_true", help="sign with a 2048-bit key")
+    parser.add_argument(
+        "--sink",
+        choices=("auto", "python", "smtp-sink"),
+        default="auto",
+        help="auto: Postfix smtp-sink when installed, else tests/sink.py",
+    )
     parser.add_argument("--no-baseline", action="store_true", help="skip the bare aiosmtplib loop")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="listserv-bench-"))
+    kind = args.sink
+    if kind == "auto":
+        kind = "smtp-sink" if shutil.which("smtp-sink") else "python"
     smtp_port = free_port()
     db_url = args.database or f"sqlite:///{work}/bench.db"
-    sink = SinkProcess(work)
+    sink = SinkProcess(work, kind)
     config = work / "listserv.toml"
     config.write_text(
         f'[server]\nhost = "127.0.0.1"\nport = {smtp_port}\nhostname = "lists.example.org"\n'
@@ -190,6 +218,7 @@ def main() -> None:
             with db.reading() as session:
                 post = session.get(Post, 1)
                 state = post.state if post else None
+                finished = post.finished_at if post else None
             if state in (PostState.SENT, PostState.FAILED) or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
@@ -203,16 +232,24 @@ def main() -> None:
         if sink.proc.poll() is None:
             sink.proc.kill()
 
-    elapsed = float(counts["last"]) - accepted_at
+    if kind == "python":
+        end = float(counts["last"])
+        arrived = f"{counts['recipients']} recipients in {counts['messages']} messages"
+    else:
+        assert finished is not None, "the post did not finish"
+        end = finished.timestamp()
+        arrived = "(smtp-sink: not counted; the end is the post's finished_at)"
+    elapsed = end - accepted_at
     print(f"members:            {args.members} over {args.domains} domains, mode {args.mode}")
     print(f"import:             {import_s:.2f} s ({args.members / import_s:,.0f} members/s)")
     print(f"post state:         {state}")
-    print(f"received at sink:   {counts['recipients']} recipients in {counts['messages']} messages")
+    print(f"sink:               {kind}")
+    print(f"received at sink:   {arrived}")
     print(f"250 -> last rcpt:   {elapsed:.2f} s")
     print(f"throughput:         {args.members / elapsed:,.0f} recipients/s")
     print(f"daemon peak RSS:    {rss:.1f} MiB")
     if not args.no_baseline:
-        base_sink = SinkProcess(work)
+        base_sink = SinkProcess(work, kind)
         seconds = asyncio.run(bare_loop(base_sink.port, rcpts, message, args.connections))
         base_sink.finish()
         print(

@@ -179,49 +179,61 @@ def prepared_message(session: Session, post_id: int) -> bytes:
 
 
 def claim_batch(session: Session, *, worker: str, lease: timedelta) -> ClaimedBatch | None:
-    """Lease the next due batch (or one whose lease ran out) to `worker`."""
+    """Lease the next due batch (or one whose lease ran out) to `worker`.
+
+    One ``UPDATE … WHERE id = (SELECT … LIMIT 1) RETURNING``: on PostgreSQL the
+    inner select is ``FOR UPDATE SKIP LOCKED``, so concurrent workers never wait
+    for each other's rows; on SQLite the transaction holds the write lock.
+    """
+    conn = session.connection()
     now = utcnow()
     due = sa.or_(
         sa.and_(DeliveryBatch.state == BatchState.PENDING, DeliveryBatch.next_attempt_at <= now),
         sa.and_(DeliveryBatch.state == BatchState.LEASED, DeliveryBatch.lease_expires_at < now),
     )
-    stmt = (
-        sa.select(DeliveryBatch)
+    pick = (
+        sa.select(DeliveryBatch.id)
         .where(due)
         .order_by(DeliveryBatch.next_attempt_at, DeliveryBatch.id)
         .limit(1)
     )
     if session.get_bind().dialect.name == "postgresql":
-        stmt = stmt.with_for_update(skip_locked=True)
-    batch = session.scalar(stmt)
-    if batch is None:
+        pick = pick.with_for_update(skip_locked=True)
+    claimed = conn.execute(
+        sa.update(DeliveryBatch)
+        .where(DeliveryBatch.id == pick.scalar_subquery())
+        .values(
+            state=BatchState.LEASED,
+            lease_owner=worker,
+            lease_expires_at=now + lease,
+            attempts=DeliveryBatch.attempts + 1,
+        )
+        .returning(
+            DeliveryBatch.id, DeliveryBatch.post_id, DeliveryBatch.domain, DeliveryBatch.attempts
+        )
+    ).first()
+    if claimed is None:
         return None
-    batch.state = BatchState.LEASED
-    batch.lease_owner = worker
-    batch.lease_expires_at = now + lease
-    batch.attempts += 1
-    row = session.execute(
+    batch_id, post_id, domain, attempts = claimed
+    row = conn.execute(
         sa.select(Post.envelope_from, Post.list_id, MailingList.delivery_mode)
         .join(MailingList, MailingList.id == Post.list_id)
-        .where(Post.id == batch.post_id)
+        .where(Post.id == post_id)
     ).one()
-    rcpts = session.execute(
+    rcpts = conn.execute(
         sa.select(Delivery.id, Delivery.address)
-        .where(
-            Delivery.batch_id == batch.id,
-            Delivery.state.in_((RecipientState.PENDING, RecipientState.DEFERRED)),
-        )
+        .where(Delivery.batch_id == batch_id, Delivery.state.in_(OPEN))
         .order_by(Delivery.id)
     )
     return ClaimedBatch(
-        id=batch.id,
-        post_id=batch.post_id,
-        domain=batch.domain,
-        attempts=batch.attempts,
+        id=batch_id,
+        post_id=post_id,
+        domain=domain,
+        attempts=attempts,
         envelope_from=row.envelope_from,
         delivery_mode=row.delivery_mode,
         list_id=row.list_id,
-        recipients=tuple(rcpts),
+        recipients=tuple((rid, address) for rid, address in rcpts),
     )
 
 
@@ -232,70 +244,76 @@ def complete_batch(
     policy: DeliverySettings,
 ) -> BatchState:
     """Record every recipient's outcome, then retire or reschedule the batch."""
+    conn = session.connection()
     now = utcnow()
     groups: dict[tuple[RecipientState, int | None, str], list[int]] = defaultdict(list)
     for r in results:
         groups[(r.outcome, r.code, r.detail[:1000])].append(r.delivery_id)
     for (outcome, code, detail), ids in groups.items():
         for start in range(0, len(ids), CHUNK):
-            session.execute(
+            conn.execute(
                 sa.update(Delivery)
                 .where(Delivery.id.in_(ids[start : start + CHUNK]))
-                .values(state=outcome, code=code, detail=detail, updated_at=now),
-                execution_options={"synchronize_session": False},
+                .values(state=outcome, code=code, detail=detail, updated_at=now)
             )
-    batch = session.get(DeliveryBatch, batch_id)
+    batch = conn.execute(
+        sa.select(DeliveryBatch.post_id, DeliveryBatch.attempts, DeliveryBatch.created_at).where(
+            DeliveryBatch.id == batch_id
+        )
+    ).first()
     if batch is None:  # the list (and so the post) was deleted meanwhile
         return BatchState.DONE
-    left = session.scalar(
+    post_id, attempts, created_at = batch
+    left = conn.scalar(
         sa.select(sa.func.count(Delivery.id)).where(
-            Delivery.batch_id == batch_id,
-            Delivery.state.in_((RecipientState.PENDING, RecipientState.DEFERRED)),
+            Delivery.batch_id == batch_id, Delivery.state.in_(OPEN)
         )
     )
-    batch.lease_owner = None
-    batch.lease_expires_at = None
+    when = next_attempt(attempts, created_at, now, policy) if left else None
+    if when is not None:
+        _set_batch(session, batch_id, state=BatchState.PENDING, next_attempt_at=when)
+        return BatchState.PENDING
     if left:
-        when = next_attempt(batch.attempts, batch.created_at, now, policy)
-        if when is not None:
-            batch.state = BatchState.PENDING
-            batch.next_attempt_at = when
-            return batch.state
-        session.execute(
+        conn.execute(
             sa.update(Delivery)
-            .where(
-                Delivery.batch_id == batch_id,
-                Delivery.state.in_((RecipientState.PENDING, RecipientState.DEFERRED)),
-            )
+            .where(Delivery.batch_id == batch_id, Delivery.state.in_(OPEN))
             .values(
                 state=RecipientState.FAILED,
                 detail=sa.func.substr(
-                    "gave up after " + str(batch.attempts) + " attempts: " + Delivery.detail,
-                    1,
-                    1000,
+                    f"gave up after {attempts} attempts: " + Delivery.detail, 1, 1000
                 ),
                 updated_at=now,
-            ),
-            execution_options={"synchronize_session": False},
+            )
         )
-    batch.state = BatchState.DONE
-    session.flush()
-    _finish_post_if_done(session, batch.post_id, now)
-    return batch.state
+    _set_batch(session, batch_id, state=BatchState.DONE)
+    _finish_post_if_done(session, post_id, now)
+    return BatchState.DONE
+
+
+OPEN = (RecipientState.PENDING, RecipientState.DEFERRED)
+
+
+def _set_batch(session: Session, batch_id: int, **values: object) -> None:
+    session.connection().execute(
+        sa.update(DeliveryBatch)
+        .where(DeliveryBatch.id == batch_id)
+        .values(lease_owner=None, lease_expires_at=None, **values)
+    )
 
 
 def _finish_post_if_done(session: Session, post_id: int, now: datetime) -> None:
+    conn = session.connection()
     # Two workers finishing the last two batches of a post at once must not both see
     # the other's batch still open: serialize on the post row (SQLite is serial anyway).
     if session.get_bind().dialect.name == "postgresql":
-        session.execute(sa.select(Post.id).where(Post.id == post_id).with_for_update())
-    open_batches = session.scalar(
+        conn.execute(sa.select(Post.id).where(Post.id == post_id).with_for_update())
+    open_batches = conn.scalar(
         sa.select(sa.func.count(DeliveryBatch.id)).where(
             DeliveryBatch.post_id == post_id, DeliveryBatch.state != BatchState.DONE
         )
     )
     if not open_batches:
-        session.execute(
+        conn.execute(
             sa.update(Post)
             .where(Post.id == post_id, Post.state == PostState.SENDING)
             .values(state=PostState.SENT, finished_at=now)
