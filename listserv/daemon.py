@@ -38,7 +38,10 @@ class Daemon:
         self.http_port: int = 0
         self._stop = asyncio.Event()
         self._posts_waiting = asyncio.Event()
-        self._batches_waiting = asyncio.Event()
+        self._dispatch = asyncio.Event()
+        self._outbox: asyncio.Queue[ClaimedBatch | None] = asyncio.Queue()
+        self._finished: list[tuple[ClaimedBatch, list[RecipientResult]]] = []
+        self._in_flight = 0
         self._cache: OrderedDict[int, tuple[bytes, prepare.ListView | None]] = OrderedDict()
 
     def stop(self) -> None:
@@ -97,14 +100,15 @@ class Daemon:
         tasks: list[asyncio.Task[None]] = []
         async with asyncio.TaskGroup() as group:
             tasks.append(group.create_task(self._scheduler()))
+            tasks.append(group.create_task(self._dispatcher()))
             for i in range(self.settings.delivery.max_connections):
-                tasks.append(group.create_task(self._worker(i)))
+                tasks.append(group.create_task(self._sender(i)))
             self.ready.set()
             await self._stop.wait()
             log.info("shutting down: no new mail accepted, finishing batches in hand")
             server.close()
             self._posts_waiting.set()
-            self._batches_waiting.set()
+            self._dispatch.set()
             _done, pending = await asyncio.wait(tasks, timeout=SHUTDOWN_TIMEOUT)
             for task in pending:
                 task.cancel()
@@ -124,7 +128,7 @@ class Daemon:
                     )
                     if batches:
                         log.debug("post %d queued in %.3fs", post_id, time.perf_counter() - started)
-                        self._batches_waiting.set()
+                        self._dispatch.set()
                 if post_ids:
                     continue
             await _wait(self._posts_waiting, self.settings.delivery.poll_interval)
@@ -137,69 +141,111 @@ class Daemon:
         with self.db.session() as session:
             return queue.release_dead_local_leases(session)
 
-    # -- workers: batches -> SMTP ---------------------------------------------------
+    # -- dispatcher and senders: batches -> SMTP ------------------------------------
 
-    async def _worker(self, index: int) -> None:
-        """Claim, send, record; the record of one batch and the claim of the next share
-        one transaction, which halves the commits per batch."""
-        worker = queue.worker_id(index)
+    async def _dispatcher(self) -> None:
+        """The one place that talks to the queue for the senders.
+
+        Each round trip to the database records every batch finished since the
+        last one and leases enough new batches to keep each connection busy with
+        one in hand and one waiting: a thread hop and a commit per round, not per
+        batch. On stop it hands unstarted batches back and records the last results.
+        """
+        worker = queue.worker_id("dispatch")
         lease = timedelta(seconds=self.settings.delivery.lease_seconds)
-        conn = sender.Connection(self.settings.delivery, self.settings.server.hostname)
-        done: tuple[ClaimedBatch, list[RecipientResult]] | None = None
-        try:
-            while True:
-                stopping = self._stop.is_set()
-                claimed: ClaimedBatch | None = None
-                with _logged(f"worker {index}"):
-                    claimed = await asyncio.to_thread(
-                        self._complete_and_claim, done, worker, None if stopping else lease
-                    )
-                    done = None
-                if stopping:
-                    return
-                if claimed is None:
-                    await _wait(self._batches_waiting, self.settings.delivery.poll_interval)
-                    continue
+        slots = 2 * self.settings.delivery.max_connections
+        while True:
+            stopping = self._stop.is_set()
+            unstarted: list[ClaimedBatch] = []
+            if stopping:
+                while not self._outbox.empty():
+                    batch = self._outbox.get_nowait()
+                    if batch is not None:
+                        unstarted.append(batch)
+            finished, self._finished = self._finished, []
+            want = 0 if stopping else slots - self._outbox.qsize() - self._in_flight
+            claimed: list[ClaimedBatch] = []
+            if finished or unstarted or want > 0:
                 try:
-                    results = await self._deliver(conn, claimed)
+                    claimed = await asyncio.to_thread(
+                        self._record_and_claim, finished, unstarted, worker, lease, want
+                    )
+                except Exception:
+                    log.exception("dispatcher: could not reach the queue (will retry)")
+                    self._finished[:0] = finished
+                    for batch in unstarted:
+                        self._outbox.put_nowait(batch)
+                    await asyncio.sleep(self.settings.delivery.poll_interval)
+                    continue
+            for batch in claimed:
+                self._outbox.put_nowait(batch)
+            if stopping and self._in_flight == 0 and not self._finished:
+                for _ in range(self.settings.delivery.max_connections):
+                    self._outbox.put_nowait(None)
+                return
+            if not claimed and not self._finished:
+                await _wait(self._dispatch, self.settings.delivery.poll_interval)
+
+    def _record_and_claim(
+        self,
+        finished: list[tuple[ClaimedBatch, list[RecipientResult]]],
+        unstarted: list[ClaimedBatch],
+        worker: str,
+        lease: timedelta,
+        want: int,
+    ) -> list[ClaimedBatch]:
+        states: list[BatchState] = []
+        claimed: list[ClaimedBatch] = []
+        with self.db.session(durable=False) as session:
+            for batch, results in finished:
+                states.append(queue.complete_batch(session, batch, results, self.settings.delivery))
+            for batch in unstarted:
+                queue.release(session, batch.id, worker)
+            while len(claimed) < want:
+                lease_one = queue.claim_batch(session, worker=worker, lease=lease)
+                if lease_one is None:
+                    break
+                claimed.append(lease_one)
+        for (batch, results), state in zip(finished, states, strict=True):
+            _log_batch(batch, results, state)
+        return claimed
+
+    async def _sender(self, index: int) -> None:
+        """One SMTP connection: send the batches the dispatcher leased, report the results."""
+        conn = sender.Connection(self.settings.delivery, self.settings.server.hostname)
+        try:
+            while (batch := await self._outbox.get()) is not None:
+                self._in_flight += 1
+                try:
+                    results = await self._deliver(conn, batch)
                 except asyncio.CancelledError:
-                    self._release(claimed.id, worker)
+                    self._release(batch.id)
                     raise
                 except Exception as exc:
-                    log.exception("post %d batch %d: internal error", claimed.post_id, claimed.id)
+                    log.exception("post %d batch %d: internal error", batch.post_id, batch.id)
                     detail = f"internal error: {exc}"
                     results = [
                         RecipientResult(rid, RecipientState.DEFERRED, None, detail)
-                        for rid, _ in claimed.recipients
+                        for rid, _ in batch.recipients
                     ]
-                done = (claimed, results)
+                finally:
+                    self._in_flight -= 1
+                self._finished.append((batch, results))
+                self._dispatch.set()
         finally:
             await conn.close()
 
-    def _complete_and_claim(
-        self,
-        done: tuple[ClaimedBatch, list[RecipientResult]] | None,
-        worker: str,
-        lease: timedelta | None,
-    ) -> ClaimedBatch | None:
-        """Record a sent batch (if any) and lease the next (unless lease is None)."""
-        state = None
+    def _release(self, batch_id: int) -> None:
         with self.db.session(durable=False) as session:
-            if done is not None:
-                state = queue.complete_batch(session, done[0].id, done[1], self.settings.delivery)
-            claimed = None
-            if lease is not None:
-                claimed = queue.claim_batch(session, worker=worker, lease=lease)
-        if done is not None and state is not None:
-            _log_batch(done[0], done[1], state)
-        return claimed
-
-    def _release(self, batch_id: int, worker: str) -> None:
-        with self.db.session(durable=False) as session:
-            queue.release(session, batch_id, worker)
+            queue.release(session, batch_id, queue.worker_id("dispatch"))
 
     async def _deliver(self, conn: sender.Connection, batch: ClaimedBatch) -> list[RecipientResult]:
-        message, view = await asyncio.to_thread(self._prepared, batch)
+        hit = self._cache.get(batch.post_id)
+        if hit is not None:
+            self._cache.move_to_end(batch.post_id)
+            message, view = hit
+        else:
+            message, view = await asyncio.to_thread(self._prepared, batch)
         if not batch.recipients:
             return []
         if batch.delivery_mode is DeliveryMode.SHARED or view is None:
@@ -214,10 +260,6 @@ class Daemon:
 
     def _prepared(self, batch: ClaimedBatch) -> tuple[bytes, prepare.ListView | None]:
         """The post's prepared bytes (and list view for personalizing), cached per post."""
-        hit = self._cache.get(batch.post_id)
-        if hit is not None:
-            self._cache.move_to_end(batch.post_id)
-            return hit
         with self.db.reading() as session:
             data = queue.prepared_message(session, batch.post_id)
             view = None

@@ -9,6 +9,7 @@ On PostgreSQL the queue claims use ``FOR UPDATE SKIP LOCKED`` (distribute/queue.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,6 +44,7 @@ class Database:
         if self.is_sqlite:
             _configure_sqlite(self.engine)
         self._write = sessionmaker(self.engine, expire_on_commit=False)
+        self._sqlite_writer = threading.Lock()
         fast: sa.Engine
         reader: sa.Engine
         if self.is_sqlite:
@@ -70,10 +72,25 @@ class Database:
         forgetting is harmless: queue bookkeeping, which then redelivers rather than
         loses. Mail is always stored with durable=True.
         """
-        with (self._write if durable else self._fast).begin() as session:
+        with self._writer_slot(), (self._write if durable else self._fast).begin() as session:
             if not durable and not self.is_sqlite:
                 session.execute(sa.text("SET LOCAL synchronous_commit TO OFF"))
             yield session
+
+    @contextmanager
+    def _writer_slot(self) -> Iterator[None]:
+        """On SQLite, let this process's threads queue for the write lock here.
+
+        SQLite makes a writer that finds the database locked sleep in steps of up
+        to 100 ms before it retries; threads of one process that wait on a Python
+        lock instead start the moment the previous writer commits. (Other
+        processes still meet the busy timeout.) PostgreSQL needs no such thing.
+        """
+        if not self.is_sqlite:
+            yield
+            return
+        with self._sqlite_writer:
+            yield
 
     @contextmanager
     def reading(self) -> Iterator[Session]:

@@ -239,7 +239,7 @@ def test_results_retry_and_finish(db: Database) -> None:
             else:
                 results.append(RecipientResult(rid, RecipientState.DELIVERED, 250, "ok"))
         with db.session() as s:
-            done_states.append(queue.complete_batch(s, batch.id, results, POLICY))
+            done_states.append(queue.complete_batch(s, batch, results, POLICY))
     assert sorted(done_states) == [BatchState.DONE, BatchState.PENDING]
     with db.reading() as s:
         status = {p.post_id: p for p in queue.status(s)}[post_id]
@@ -259,7 +259,7 @@ def test_results_retry_and_finish(db: Database) -> None:
     with db.session() as s:
         rid = batch.recipients[0][0]
         state = queue.complete_batch(
-            s, batch.id, [RecipientResult(rid, RecipientState.DEFERRED, 451, "still later")], POLICY
+            s, batch, [RecipientResult(rid, RecipientState.DEFERRED, 451, "still later")], POLICY
         )
     assert state is BatchState.DONE
     with db.reading() as s:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import socket
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -53,6 +53,7 @@ class ClaimedBatch:
     post_id: int
     domain: str
     attempts: int
+    created_at: datetime
     envelope_from: str
     delivery_mode: DeliveryMode
     list_id: int
@@ -112,6 +113,11 @@ def recipients(session: Session, list_id: int) -> list[str]:
     return result
 
 
+_INSERT_DELIVERY = sa.text(
+    "INSERT INTO deliveries (batch_id, post_id, address, state, detail) VALUES (:b, :p, :a, :s, '')"
+)
+
+
 def enqueue(
     session: Session,
     post: Post,
@@ -150,13 +156,16 @@ def enqueue(
             rows,
         )
         batch_ids.extend(ids)
+    pending = RecipientState.PENDING.value
     deliveries = [
-        {"batch_id": batch_id, "post_id": post.id, "address": a, "state": RecipientState.PENDING}
+        {"b": batch_id, "p": post.id, "a": a, "s": pending}
         for batch_id, (_, group) in zip(batch_ids, plan, strict=True)
         for a in group
     ]
+    # A plain executemany: per-row ORM and type processing would cost more than the insert.
+    conn = session.connection()
     for start in range(0, len(deliveries), CHUNK * 5):
-        session.execute(sa.insert(Delivery), deliveries[start : start + CHUNK * 5])
+        conn.execute(_INSERT_DELIVERY, deliveries[start : start + CHUNK * 5])
     return len(plan)
 
 
@@ -209,12 +218,16 @@ def claim_batch(session: Session, *, worker: str, lease: timedelta) -> ClaimedBa
             attempts=DeliveryBatch.attempts + 1,
         )
         .returning(
-            DeliveryBatch.id, DeliveryBatch.post_id, DeliveryBatch.domain, DeliveryBatch.attempts
+            DeliveryBatch.id,
+            DeliveryBatch.post_id,
+            DeliveryBatch.domain,
+            DeliveryBatch.attempts,
+            DeliveryBatch.created_at,
         )
     ).first()
     if claimed is None:
         return None
-    batch_id, post_id, domain, attempts = claimed
+    batch_id, post_id, domain, attempts, created_at = claimed
     row = conn.execute(
         sa.select(Post.envelope_from, Post.list_id, MailingList.delivery_mode)
         .join(MailingList, MailingList.id == Post.list_id)
@@ -230,6 +243,7 @@ def claim_batch(session: Session, *, worker: str, lease: timedelta) -> ClaimedBa
         post_id=post_id,
         domain=domain,
         attempts=attempts,
+        created_at=created_at,
         envelope_from=row.envelope_from,
         delivery_mode=row.delivery_mode,
         list_id=row.list_id,
@@ -239,11 +253,15 @@ def claim_batch(session: Session, *, worker: str, lease: timedelta) -> ClaimedBa
 
 def complete_batch(
     session: Session,
-    batch_id: int,
-    results: Iterable[RecipientResult],
+    batch: ClaimedBatch,
+    results: Sequence[RecipientResult],
     policy: DeliverySettings,
 ) -> BatchState:
-    """Record every recipient's outcome, then retire or reschedule the batch."""
+    """Record every recipient's outcome, then retire or reschedule the batch.
+
+    `results` has one entry per recipient of the claim (the sender's contract),
+    so what is left open is what was deferred: no count query on the hot path.
+    """
     conn = session.connection()
     now = utcnow()
     groups: dict[tuple[RecipientState, int | None, str], list[int]] = defaultdict(list)
@@ -256,37 +274,30 @@ def complete_batch(
                 .where(Delivery.id.in_(ids[start : start + CHUNK]))
                 .values(state=outcome, code=code, detail=detail, updated_at=now)
             )
-    batch = conn.execute(
-        sa.select(DeliveryBatch.post_id, DeliveryBatch.attempts, DeliveryBatch.created_at).where(
-            DeliveryBatch.id == batch_id
-        )
-    ).first()
-    if batch is None:  # the list (and so the post) was deleted meanwhile
-        return BatchState.DONE
-    post_id, attempts, created_at = batch
-    left = conn.scalar(
-        sa.select(sa.func.count(Delivery.id)).where(
-            Delivery.batch_id == batch_id, Delivery.state.in_(OPEN)
-        )
+    answered = {r.delivery_id for r in results}
+    left = (
+        len(batch.recipients)
+        - len(answered)
+        + sum(1 for r in results if r.outcome is RecipientState.DEFERRED)
     )
-    when = next_attempt(attempts, created_at, now, policy) if left else None
+    when = next_attempt(batch.attempts, batch.created_at, now, policy) if left else None
     if when is not None:
-        _set_batch(session, batch_id, state=BatchState.PENDING, next_attempt_at=when)
+        _set_batch(session, batch.id, state=BatchState.PENDING, next_attempt_at=when)
         return BatchState.PENDING
     if left:
         conn.execute(
             sa.update(Delivery)
-            .where(Delivery.batch_id == batch_id, Delivery.state.in_(OPEN))
+            .where(Delivery.batch_id == batch.id, Delivery.state.in_(OPEN))
             .values(
                 state=RecipientState.FAILED,
                 detail=sa.func.substr(
-                    f"gave up after {attempts} attempts: " + Delivery.detail, 1, 1000
+                    f"gave up after {batch.attempts} attempts: " + Delivery.detail, 1, 1000
                 ),
                 updated_at=now,
             )
         )
-    _set_batch(session, batch_id, state=BatchState.DONE)
-    _finish_post_if_done(session, post_id, now)
+    _set_batch(session, batch.id, state=BatchState.DONE)
+    _finish_post_if_done(session, batch.post_id, now)
     return BatchState.DONE
 
 
