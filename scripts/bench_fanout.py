@@ -99,6 +99,28 @@ class SinkProcess:
         return dict(json.loads(out.decode().strip().splitlines()[-1]))
 
 
+class ScratchSchema:
+    """A PostgreSQL schema of our own for one run, so the benchmark leaves no tables behind."""
+
+    def __init__(self, url: str) -> None:
+        import sqlalchemy as sa
+        from sqlalchemy.engine import make_url
+
+        self.name = f"listserv_bench_{os.getpid()}"
+        self.engine = sa.create_engine(url)
+        with self.engine.begin() as conn:
+            conn.execute(sa.text(f"CREATE SCHEMA {self.name}"))
+        scoped = make_url(url).update_query_dict({"options": f"-csearch_path={self.name}"})
+        self.url = scoped.render_as_string(hide_password=False)
+
+    def drop(self) -> None:
+        import sqlalchemy as sa
+
+        with self.engine.begin() as conn:
+            conn.execute(sa.text(f"DROP SCHEMA {self.name} CASCADE"))
+        self.engine.dispose()
+
+
 def run(cmd: list[str], env: dict[str, str], **kw: object) -> subprocess.CompletedProcess[bytes]:
     result = subprocess.run(cmd, env=env, capture_output=True, **kw)  # type: ignore[call-overload]
     if result.returncode != 0:
@@ -175,6 +197,9 @@ def main() -> None:
         kind = "smtp-sink" if shutil.which("smtp-sink") else "python"
     smtp_port = free_port()
     db_url = args.database or f"sqlite:///{work}/bench.db"
+    scratch = ScratchSchema(db_url) if db_url.startswith("postgresql") else None
+    if scratch is not None:
+        db_url = scratch.url
     sink = SinkProcess(work, kind)
     config = work / "listserv.toml"
     config.write_text(
@@ -206,9 +231,17 @@ def main() -> None:
         wait_port(smtp_port, daemon)
         message = post_message(args.size)
         with smtplib.SMTP("127.0.0.1", smtp_port, timeout=60) as client:
-            client.sendmail(SENDER, [LIST], message)
+            client.ehlo()
+            client.mail(SENDER)
+            client.rcpt(LIST)
+            code, reply = client.data(message)
             accepted_at = time.time()  # right after the 250 to DATA
+        if code != 250:
+            raise SystemExit(f"the post was refused: {code} {reply.decode()}")
+        inbound_id = int(reply.decode().rsplit(" ", 1)[1])  # "2.0.0 Queued as N"
         sys.path.insert(0, str(ROOT))
+        import sqlalchemy as sa
+
         from listserv.db import Database
         from listserv.models import Post, PostState
 
@@ -216,7 +249,7 @@ def main() -> None:
         deadline = time.monotonic() + 600
         while True:
             with db.reading() as session:
-                post = session.get(Post, 1)
+                post = session.scalar(sa.select(Post).where(Post.inbound_id == inbound_id))
                 state = post.state if post else None
                 finished = post.finished_at if post else None
             if state in (PostState.SENT, PostState.FAILED) or time.monotonic() > deadline:
@@ -231,6 +264,8 @@ def main() -> None:
             daemon.wait(timeout=60)
         if sink.proc.poll() is None:
             sink.proc.kill()
+        if scratch is not None:
+            scratch.drop()
 
     if kind == "python":
         end = float(counts["last"])

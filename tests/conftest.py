@@ -59,10 +59,10 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path, sqlite_template: Path
         conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
     url = make_url(PG_URL).update_query_dict({"options": f"-csearch_path={schema}"})
     url_text = url.render_as_string(hide_password=False)
-    migrator = Database(url_text)
-    migrator.upgrade()
-    migrator.dispose()
     try:
+        migrator = Database(url_text)
+        migrator.upgrade()
+        migrator.dispose()
         yield url_text
     finally:
         with admin.begin() as conn:
