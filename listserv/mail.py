@@ -30,7 +30,18 @@ def header(msg: EmailMessage, name: str) -> str | None:
         value = msg.get(name)
     except Exception:
         value = _raw_header(msg, name)
-    return None if value is None else str(value)
+    return None if value is None else text(str(value))
+
+
+def text(value: str) -> str:
+    """Turn raw 8-bit header bytes (kept by the parser as surrogate escapes) into text.
+
+    SMTPUTF8 mail carries UTF-8 in its headers; anything that is not valid UTF-8
+    becomes U+FFFD rather than an exception further down (the database, logs).
+    """
+    if value.isascii():
+        return value
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _raw_header(msg: EmailMessage, name: str) -> str | None:
@@ -45,7 +56,7 @@ def addresses(msg: EmailMessage, name: str) -> list[str]:
     values: list[str] = []
     for key, value in msg.raw_items():
         if key.lower() == name.lower():
-            values.append(str(value))
+            values.append(text(str(value)))
     return [addr for _, addr in getaddresses(values) if "@" in addr]
 
 

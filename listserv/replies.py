@@ -21,7 +21,7 @@ class Reply:
 RCPT_OK = Reply(250, "2.1.5", "OK")
 QUEUED = Reply(250, "2.0.0", "Queued")
 NO_SUCH_LIST = Reply(550, "5.1.1", "No such list here")
-RELAY_DENIED = Reply(550, "5.7.1", "Relaying denied: we only accept mail for our lists")
+RELAY_DENIED = Reply(550, "5.1.1", "Relaying denied: we only accept mail for our lists")
 NOT_ALLOWED = Reply(550, "5.7.1", "You are not allowed to post to this list")
 TOO_BIG = Reply(552, "5.3.4", "Message too big for this list server")
 BAD_SYNTAX = Reply(501, "5.1.3", "Bad address syntax")

@@ -162,7 +162,7 @@ async def test_unknown_list_and_relay_attempts_get_550(db: Database, daemon_fact
         assert (unknown.value.code, unknown.value.message.split()[0]) == (550, "5.1.1")
         with pytest.raises(aiosmtplib.SMTPRecipientRefused) as relay:
             await client.rcpt("victim@gmail.example")
-        assert (relay.value.code, relay.value.message.split()[0]) == (550, "5.7.1")
+        assert (relay.value.code, relay.value.message.split()[0]) == (550, "5.1.1")
         assert "Relaying denied" in relay.value.message
         with pytest.raises(aiosmtplib.SMTPRecipientRefused) as bad:
             await client.rcpt("not-an-address")
@@ -328,3 +328,111 @@ async def test_graceful_stop_leaves_no_lease(db: Database, sink: Sink, daemon_fa
             sa.select(sa.func.count(DeliveryBatch.id)).where(DeliveryBatch.lease_owner.is_not(None))
         )
     assert leased == 0
+
+
+async def test_smtputf8_and_8bit_post_is_accepted_and_delivered_intact(
+    db: Database, sink: Sink, daemon_factory: Any
+) -> None:
+    make_list(db, members_=["zoë@one.example", "bob@two.example"], senders=["jürgen@example.org"])
+    daemon = await daemon_factory()
+    raw = message(
+        """
+        From: Jürgen <jürgen@example.org>
+        To: staff@lists.example.org
+        Subject: Grüße aus Köln
+        MIME-Version: 1.0
+        Content-Type: text/plain; charset=utf-8
+        Content-Transfer-Encoding: 8bit
+
+        Schöne Grüße, café für alle.
+        """
+    )
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=daemon.port, timeout=10)
+    async with client:
+        assert client.supports_extension("SMTPUTF8")
+        assert client.supports_extension("8BITMIME")
+        await client.mail(
+            "jürgen@example.org", options=["SMTPUTF8", "BODY=8BITMIME"], encoding="utf-8"
+        )
+        await client.rcpt("staff@lists.example.org")
+        response = await client.data(raw)
+    assert response.code == 250
+    await sink.wait_for_recipients(2)
+    assert sorted(sink.recipients()) == ["bob@two.example", "zoë@one.example"]
+    for received in sink.received:
+        msg = received.message()
+        assert msg["Subject"] == "[staff] Grüße aus Köln"
+        body = msg.get_body(("plain",))
+        assert body is not None
+        assert "Schöne Grüße, café für alle." in body.get_content()
+
+
+class _AuthSink:
+    """A smarthost that insists on AUTH (aiosmtpd's own authenticator hook)."""
+
+    def __init__(self) -> None:
+        self.received: list[list[str]] = []
+        self.logins: list[tuple[str, bool]] = []
+        self.event = asyncio.Event()
+
+    def authenticate(
+        self, server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any
+    ) -> Any:
+        from aiosmtpd.smtp import AuthResult, LoginPassword
+
+        def text(value: str | bytes) -> str:
+            return value.decode() if isinstance(value, bytes) else value
+
+        ok = isinstance(auth_data, LoginPassword) and (
+            text(auth_data.login),
+            text(auth_data.password),
+        ) == ("lists", "s3cret")
+        self.logins.append((mechanism, ok))
+        return AuthResult(success=ok)
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.received.append(list(envelope.rcpt_tos))
+        self.event.set()
+        return "250 OK"
+
+
+# aiosmtpd warns about AUTH without TLS (fine on loopback) and about its own
+# deprecated Session.login_data, which it sets itself.
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
+@pytest.mark.filterwarnings("ignore:Session.login_data is deprecated")
+async def test_smarthost_auth_with_password_from_the_environment(
+    db: Database, daemon_factory: Any
+) -> None:
+    from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
+
+    make_list(db, members_=MEMBERS[:2], senders=[SENDER])
+    handler = _AuthSink()
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: AiosmtpdSMTP(
+            handler,
+            authenticator=handler.authenticate,
+            auth_required=True,
+            auth_require_tls=False,
+        ),
+        "127.0.0.1",
+        0,
+    )
+    port = server.sockets[0].getsockname()[1]
+    try:
+        from listserv import config
+
+        password = config.from_dict({}, env={"LISTSERV_DELIVERY_PASSWORD": "s3cret"})
+        daemon = await daemon_factory(
+            delivery__port=port,
+            delivery__username="lists",
+            delivery__password=password.delivery.password,
+        )
+        await send(daemon.port, post_text())
+        await asyncio.wait_for(handler.event.wait(), 10)
+        await wait_until(lambda: post_state(db) is PostState.SENT)
+        assert sorted(r for rcpts in handler.received for r in rcpts) == sorted(MEMBERS[:2])
+        assert handler.logins and all(ok for _, ok in handler.logins)
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -41,6 +41,8 @@ class Connection:
             start_tls=s.starttls,
         )
         await smtp.connect()
+        if smtp.is_ehlo_or_helo_needed:
+            await smtp.ehlo()  # so the extensions are known before the first MAIL
         if s.username:
             await smtp.login(s.username, s.password)
         self._smtp = smtp
@@ -106,7 +108,10 @@ async def _transaction(
     options = []
     if not message.isascii() and smtp.supports_extension("8BITMIME"):
         options.append("BODY=8BITMIME")
-    utf8 = not (envelope_from.isascii() and all(a.isascii() for _, a in recipients))
+    headers = message[: message.find(b"\r\n\r\n")]
+    utf8 = not (
+        envelope_from.isascii() and headers.isascii() and all(a.isascii() for _, a in recipients)
+    )
     if utf8:
         if not smtp.supports_extension("SMTPUTF8"):
             return _all(recipients, RecipientState.FAILED, 553, "smarthost lacks SMTPUTF8")
