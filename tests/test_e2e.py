@@ -436,3 +436,45 @@ async def test_smarthost_auth_with_password_from_the_environment(
     finally:
         server.close()
         await server.wait_closed()
+
+
+MALFORMED = [
+    b"no headers at all, just text\r\n\xff\xfe binary \x00 junk\r\n",
+    b"From: \r\nCc: a@b.c,\r\nSubject: =?utf-8?q?broken\r\n"
+    b"Content-Type: multipart/mixed\r\n\r\nno boundary\r\n",
+    b"From: boss@example.org\r\nContent-Type: text/plain; charset=x-unknown\r\n"
+    b"Content-Transfer-Encoding: base64\r\n\r\n!!!not base64!!!\r\n",
+    b"From: <boss@example.org\r\nMessage-ID: <[bad]@x>\r\nX-Long: "
+    + b"y" * 900
+    + b"\r\n\r\nbody\r\n",
+]
+
+
+@pytest.mark.parametrize("raw", MALFORMED, ids=["junk", "broken-headers", "bad-charset", "long"])
+async def test_malformed_mail_from_a_sender_is_delivered_not_crashed_on(
+    db: Database, sink: Sink, daemon_factory: Any, raw: bytes
+) -> None:
+    make_list(db, members_=MEMBERS[:2], senders=[SENDER])
+    daemon = await daemon_factory()
+    errors, reply = await send(daemon.port, raw)
+    assert errors == {} and reply.startswith("2.0.0 Queued as ")
+    await sink.wait_for_recipients(2)
+    await wait_until(lambda: post_state(db) is PostState.SENT)
+    for received in sink.received:
+        msg = received.message()
+        assert msg["List-Id"] == "<staff.lists.example.org>"
+        assert b"staff-leave@lists.example.org" in received.data
+
+
+async def test_a_line_over_1000_characters_gets_500_and_nothing_is_stored(
+    db: Database, sink: Sink, daemon_factory: Any
+) -> None:
+    make_list(db, members_=MEMBERS[:2], senders=[SENDER])
+    daemon = await daemon_factory()
+    raw = post_text() + b"z" * 5000 + b"\r\n"
+    with pytest.raises(aiosmtplib.SMTPDataError) as info:
+        await send(daemon.port, raw)
+    assert info.value.code == 500
+    assert info.value.message.startswith("5.5.2 ")
+    with db.reading() as s:
+        assert s.scalar(sa.select(sa.func.count(InboundMessage.id))) == 0

@@ -80,7 +80,11 @@ def _peer(session: Session) -> str:
 class ListservSMTP(SMTP):
     """aiosmtpd's SMTP, with enhanced status codes on its built-in size refusals."""
 
+    # aiosmtpd answers these itself, before any hook runs.
+
     async def push(self, status: Any) -> None:
         if isinstance(status, str) and status.startswith("552 Error"):
             status = str(replies.TOO_BIG)
+        elif isinstance(status, str) and status.startswith("500 Line too long"):
+            status = str(replies.LINE_TOO_LONG)
         await super().push(status)
