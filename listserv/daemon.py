@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from datetime import timedelta
 
 from aiohttp import web
@@ -19,7 +20,7 @@ from aiohttp import web
 from listserv import http
 from listserv.config import Settings
 from listserv.db import Database
-from listserv.distribute import prepare, queue, sender
+from listserv.distribute import dkim, prepare, queue, sender
 from listserv.distribute.queue import ClaimedBatch, RecipientResult
 from listserv.models import BatchState, DeliveryMode, MailingList, RecipientState
 from listserv.smtp_in.handler import InboundHandler, ListservSMTP
@@ -42,7 +43,7 @@ class Daemon:
         self._outbox: asyncio.Queue[ClaimedBatch | None] = asyncio.Queue()
         self._finished: list[tuple[ClaimedBatch, list[RecipientResult]]] = []
         self._in_flight = 0
-        self._cache: OrderedDict[int, tuple[bytes, prepare.ListView | None]] = OrderedDict()
+        self._cache: OrderedDict[int, _Prepared] = OrderedDict()
 
     def stop(self) -> None:
         self._stop.set()
@@ -240,36 +241,44 @@ class Daemon:
             queue.release(session, batch_id, queue.worker_id("dispatch"))
 
     async def _deliver(self, conn: sender.Connection, batch: ClaimedBatch) -> list[RecipientResult]:
-        hit = self._cache.get(batch.post_id)
-        if hit is not None:
-            self._cache.move_to_end(batch.post_id)
-            message, view = hit
-        else:
-            message, view = await asyncio.to_thread(self._prepared, batch)
+        ready = self._cache.get(batch.post_id)
+        if ready is None:
+            ready = await asyncio.to_thread(self._load_prepared, batch)
+            self._cache[batch.post_id] = ready
+            while len(self._cache) > 8:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(batch.post_id)
         if not batch.recipients:
             return []
-        if batch.delivery_mode is DeliveryMode.SHARED or view is None:
-            return await sender.send(conn, batch.envelope_from, batch.recipients, message)
-        signer = await asyncio.to_thread(prepare.signer_for, self.settings.keys_dir, view.domain)
+        if ready.view is None:  # shared: one signed message for the whole batch
+            return await sender.send(conn, batch.envelope_from, batch.recipients, ready.message)
         addrs = [a for _, a in batch.recipients]
-        rendered = await asyncio.to_thread(prepare.personalize, message, view, addrs, signer)
+        rendered = await asyncio.to_thread(
+            prepare.personalize, ready.message, ready.view, addrs, ready.signer
+        )
         results: list[RecipientResult] = []
         for recipient, data in zip(batch.recipients, rendered, strict=True):
             results.extend(await sender.send(conn, batch.envelope_from, [recipient], data))
         return results
 
-    def _prepared(self, batch: ClaimedBatch) -> tuple[bytes, prepare.ListView | None]:
-        """The post's prepared bytes (and list view for personalizing), cached per post."""
+    def _load_prepared(self, batch: ClaimedBatch) -> _Prepared:
         with self.db.reading() as session:
             data = queue.prepared_message(session, batch.post_id)
-            view = None
-            if batch.delivery_mode is DeliveryMode.PERSONALIZED:
-                mlist = session.get(MailingList, batch.list_id)
-                view = prepare.ListView.of(mlist) if mlist else None
-        self._cache[batch.post_id] = (data, view)
-        while len(self._cache) > 8:
-            self._cache.popitem(last=False)
-        return data, view
+            mlist = session.get(MailingList, batch.list_id)
+        if batch.delivery_mode is DeliveryMode.SHARED or mlist is None:
+            return _Prepared(data)
+        view = prepare.ListView.of(mlist)
+        return _Prepared(data, view, prepare.signer_for(self.settings.keys_dir, view.domain))
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    """A post as the senders need it, cached per post: bytes to send, or a template
+    with what personalizing it takes (list view, signer)."""
+
+    message: bytes
+    view: prepare.ListView | None = None
+    signer: dkim.Signer | None = None
 
 
 def _log_batch(batch: ClaimedBatch, results: list[RecipientResult], state: BatchState) -> None:

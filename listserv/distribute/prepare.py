@@ -17,7 +17,7 @@ from listserv.addresses import Kind
 from listserv.config import Settings
 from listserv.db import Database
 from listserv.distribute import decorate, dkim, queue
-from listserv.models import DeliveryMode, InboundMessage, MailingList
+from listserv.models import DeliveryMode, InboundMessage, MailingList, Post
 
 log = logging.getLogger("listserv.prepare")
 
@@ -113,8 +113,6 @@ def queue_post(db: Database, settings: Settings, post_id: int) -> int | None:
     None when another worker queued it first. A post that cannot be prepared
     is marked failed with the reason: kept for the operator, never dropped.
     """
-    from listserv.models import Post
-
     with db.reading() as session:
         post = session.get(Post, post_id)
         if post is None:

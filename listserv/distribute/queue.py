@@ -27,6 +27,8 @@ from listserv.models import (
     DeliveryBatch,
     DeliveryMode,
     DeliveryStatus,
+    InboundMessage,
+    InboundState,
     MailingList,
     Member,
     Post,
@@ -451,8 +453,6 @@ def status(
 
 def pending_inbound(session: Session) -> dict[str, int]:
     """Stored mail to command/bounce/owner addresses not yet handled, by kind."""
-    from listserv.models import InboundMessage, InboundState
-
     rows = session.execute(
         sa.select(InboundMessage.kind, sa.func.count())
         .where(InboundMessage.state == InboundState.PENDING)
