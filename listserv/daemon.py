@@ -195,18 +195,13 @@ class Daemon:
         lease: timedelta,
         want: int,
     ) -> list[ClaimedBatch]:
-        states: list[BatchState] = []
         claimed: list[ClaimedBatch] = []
         with self.db.session(durable=False) as session:
-            for batch, results in finished:
-                states.append(queue.complete_batch(session, batch, results, self.settings.delivery))
+            states = queue.complete_batches(session, finished, self.settings.delivery)
             for batch in unstarted:
                 queue.release(session, batch.id, worker)
-            while len(claimed) < want:
-                lease_one = queue.claim_batch(session, worker=worker, lease=lease)
-                if lease_one is None:
-                    break
-                claimed.append(lease_one)
+            if want > 0:
+                claimed = queue.claim_batches(session, worker=worker, lease=lease, limit=want)
         for (batch, results), state in zip(finished, states, strict=True):
             _log_batch(batch, results, state)
         return claimed

@@ -268,3 +268,24 @@ def test_results_retry_and_finish(db: Database) -> None:
     assert post is not None and post.state is PostState.SENT and post.finished_at is not None
     assert failed is not None and failed.state is RecipientState.FAILED
     assert failed.detail.startswith("gave up after 2 attempts")
+
+
+def test_bulk_claim_and_record_finish_the_post(db: Database) -> None:
+    address = make_list(db)
+    post_id = _queue(db, address, 9, per_batch=2)  # d0: 5 -> 3 batches, d1: 4 -> 2 batches
+    with db.session() as s:
+        first = queue.claim_batches(s, worker="w", lease=timedelta(minutes=1), limit=3)
+        rest = queue.claim_batches(s, worker="w", lease=timedelta(minutes=1), limit=10)
+    assert len(first) == 3 and len(rest) == 2
+    assert {b.id for b in first}.isdisjoint(b.id for b in rest)
+    assert sum(len(b.recipients) for b in first + rest) == 9
+    finished = [
+        (b, [RecipientResult(rid, RecipientState.DELIVERED, 250, "ok") for rid, _ in b.recipients])
+        for b in first + rest
+    ]
+    with db.session() as s:
+        assert queue.complete_batches(s, finished, POLICY) == [BatchState.DONE] * 5
+    with db.reading() as s:
+        post = s.get(Post, post_id)
+        assert post is not None and post.state is PostState.SENT
+        assert set(s.scalars(sa.select(Delivery.state))) == {RecipientState.DELIVERED}

@@ -189,12 +189,15 @@ def prepared_message(session: Session, post_id: int) -> bytes:
 # -- batches --------------------------------------------------------------------------
 
 
-def claim_batch(session: Session, *, worker: str, lease: timedelta) -> ClaimedBatch | None:
-    """Lease the next due batch (or one whose lease ran out) to `worker`.
+def claim_batches(
+    session: Session, *, worker: str, lease: timedelta, limit: int
+) -> list[ClaimedBatch]:
+    """Lease up to `limit` due batches (or ones whose lease ran out) to `worker`.
 
-    One ``UPDATE … WHERE id = (SELECT … LIMIT 1) RETURNING``: on PostgreSQL the
-    inner select is ``FOR UPDATE SKIP LOCKED``, so concurrent workers never wait
-    for each other's rows; on SQLite the transaction holds the write lock.
+    One ``UPDATE … WHERE id IN (SELECT … LIMIT n) RETURNING``: on PostgreSQL the
+    inner select is ``FOR UPDATE SKIP LOCKED``, so concurrent dispatchers never
+    wait for each other's rows; on SQLite the transaction holds the write lock.
+    Three statements whatever `limit` is.
     """
     conn = session.connection()
     now = utcnow()
@@ -206,13 +209,13 @@ def claim_batch(session: Session, *, worker: str, lease: timedelta) -> ClaimedBa
         sa.select(DeliveryBatch.id)
         .where(due)
         .order_by(DeliveryBatch.next_attempt_at, DeliveryBatch.id)
-        .limit(1)
+        .limit(limit)
     )
     if session.get_bind().dialect.name == "postgresql":
         pick = pick.with_for_update(skip_locked=True)
-    claimed = conn.execute(
+    leased = conn.execute(
         sa.update(DeliveryBatch)
-        .where(DeliveryBatch.id == pick.scalar_subquery())
+        .where(DeliveryBatch.id.in_(pick))
         .values(
             state=BatchState.LEASED,
             lease_owner=worker,
@@ -226,31 +229,105 @@ def claim_batch(session: Session, *, worker: str, lease: timedelta) -> ClaimedBa
             DeliveryBatch.attempts,
             DeliveryBatch.created_at,
         )
-    ).first()
-    if claimed is None:
-        return None
-    batch_id, post_id, domain, attempts, created_at = claimed
-    row = conn.execute(
-        sa.select(Post.envelope_from, Post.list_id, MailingList.delivery_mode)
-        .join(MailingList, MailingList.id == Post.list_id)
-        .where(Post.id == post_id)
-    ).one()
-    rcpts = conn.execute(
-        sa.select(Delivery.id, Delivery.address)
-        .where(Delivery.batch_id == batch_id, Delivery.state.in_(OPEN))
-        .order_by(Delivery.id)
-    )
-    return ClaimedBatch(
-        id=batch_id,
-        post_id=post_id,
-        domain=domain,
-        attempts=attempts,
-        created_at=created_at,
-        envelope_from=row.envelope_from,
-        delivery_mode=row.delivery_mode,
-        list_id=row.list_id,
-        recipients=tuple((rid, address) for rid, address in rcpts),
-    )
+    ).all()
+    if not leased:
+        return []
+    posts = {
+        row.id: row
+        for row in conn.execute(
+            sa.select(Post.id, Post.envelope_from, Post.list_id, MailingList.delivery_mode)
+            .join(MailingList, MailingList.id == Post.list_id)
+            .where(Post.id.in_({row.post_id for row in leased}))
+        )
+    }
+    rcpts: dict[int, list[tuple[int, str]]] = defaultdict(list)
+    for batch_id, rid, address in conn.execute(
+        sa.select(Delivery.batch_id, Delivery.id, Delivery.address)
+        .where(Delivery.batch_id.in_([row.id for row in leased]), Delivery.state.in_(OPEN))
+        .order_by(Delivery.batch_id, Delivery.id)
+    ):
+        rcpts[batch_id].append((rid, address))
+    claimed = [
+        ClaimedBatch(
+            id=row.id,
+            post_id=row.post_id,
+            domain=row.domain,
+            attempts=row.attempts,
+            created_at=row.created_at,
+            envelope_from=posts[row.post_id].envelope_from,
+            delivery_mode=posts[row.post_id].delivery_mode,
+            list_id=posts[row.post_id].list_id,
+            recipients=tuple(rcpts[row.id]),
+        )
+        for row in leased
+    ]
+    return sorted(claimed, key=lambda b: b.id)
+
+
+def claim_batch(session: Session, *, worker: str, lease: timedelta) -> ClaimedBatch | None:
+    """Lease the next due batch, if any."""
+    claimed = claim_batches(session, worker=worker, lease=lease, limit=1)
+    return claimed[0] if claimed else None
+
+
+def complete_batches(
+    session: Session,
+    finished: Sequence[tuple[ClaimedBatch, Sequence[RecipientResult]]],
+    policy: DeliverySettings,
+) -> list[BatchState]:
+    """Record every recipient's outcome, then retire or reschedule each batch.
+
+    Each batch's results have one entry per recipient of its claim (the sender's
+    contract), so what is left open is what was deferred: no count query. The
+    outcomes of all batches are written together, one UPDATE per distinct reply.
+    """
+    conn = session.connection()
+    now = utcnow()
+    groups: dict[tuple[RecipientState, int | None, str], list[int]] = defaultdict(list)
+    for _, results in finished:
+        for r in results:
+            groups[(r.outcome, r.code, r.detail[:1000])].append(r.delivery_id)
+    for (outcome, code, detail), ids in groups.items():
+        for start in range(0, len(ids), CHUNK):
+            conn.execute(
+                sa.update(Delivery)
+                .where(Delivery.id.in_(ids[start : start + CHUNK]))
+                .values(state=outcome, code=code, detail=detail, updated_at=now)
+            )
+    states: list[BatchState] = []
+    done: list[int] = []
+    for batch, results in finished:
+        answered = {r.delivery_id for r in results}
+        left = (
+            len(batch.recipients)
+            - len(answered)
+            + sum(1 for r in results if r.outcome is RecipientState.DEFERRED)
+        )
+        when = next_attempt(batch.attempts, batch.created_at, now, policy) if left else None
+        if when is not None:
+            _set_batches(session, [batch.id], state=BatchState.PENDING, next_attempt_at=when)
+            states.append(BatchState.PENDING)
+            continue
+        if left:
+            conn.execute(
+                sa.update(Delivery)
+                .where(Delivery.batch_id == batch.id, Delivery.state.in_(OPEN))
+                .values(
+                    state=RecipientState.FAILED,
+                    detail=sa.func.substr(
+                        f"gave up after {batch.attempts} attempts: " + Delivery.detail, 1, 1000
+                    ),
+                    updated_at=now,
+                )
+            )
+        done.append(batch.id)
+        states.append(BatchState.DONE)
+    if done:
+        _set_batches(session, done, state=BatchState.DONE)
+        done_ids = set(done)
+        for post_id in sorted({b.post_id for b, _ in finished if b.id in done_ids}):
+            _finish_post_if_done(session, post_id, now)
+    return states
 
 
 def complete_batch(
@@ -259,57 +336,16 @@ def complete_batch(
     results: Sequence[RecipientResult],
     policy: DeliverySettings,
 ) -> BatchState:
-    """Record every recipient's outcome, then retire or reschedule the batch.
-
-    `results` has one entry per recipient of the claim (the sender's contract),
-    so what is left open is what was deferred: no count query on the hot path.
-    """
-    conn = session.connection()
-    now = utcnow()
-    groups: dict[tuple[RecipientState, int | None, str], list[int]] = defaultdict(list)
-    for r in results:
-        groups[(r.outcome, r.code, r.detail[:1000])].append(r.delivery_id)
-    for (outcome, code, detail), ids in groups.items():
-        for start in range(0, len(ids), CHUNK):
-            conn.execute(
-                sa.update(Delivery)
-                .where(Delivery.id.in_(ids[start : start + CHUNK]))
-                .values(state=outcome, code=code, detail=detail, updated_at=now)
-            )
-    answered = {r.delivery_id for r in results}
-    left = (
-        len(batch.recipients)
-        - len(answered)
-        + sum(1 for r in results if r.outcome is RecipientState.DEFERRED)
-    )
-    when = next_attempt(batch.attempts, batch.created_at, now, policy) if left else None
-    if when is not None:
-        _set_batch(session, batch.id, state=BatchState.PENDING, next_attempt_at=when)
-        return BatchState.PENDING
-    if left:
-        conn.execute(
-            sa.update(Delivery)
-            .where(Delivery.batch_id == batch.id, Delivery.state.in_(OPEN))
-            .values(
-                state=RecipientState.FAILED,
-                detail=sa.func.substr(
-                    f"gave up after {batch.attempts} attempts: " + Delivery.detail, 1, 1000
-                ),
-                updated_at=now,
-            )
-        )
-    _set_batch(session, batch.id, state=BatchState.DONE)
-    _finish_post_if_done(session, batch.post_id, now)
-    return BatchState.DONE
+    return complete_batches(session, [(batch, results)], policy)[0]
 
 
 OPEN = (RecipientState.PENDING, RecipientState.DEFERRED)
 
 
-def _set_batch(session: Session, batch_id: int, **values: object) -> None:
+def _set_batches(session: Session, batch_ids: Sequence[int], **values: object) -> None:
     session.connection().execute(
         sa.update(DeliveryBatch)
-        .where(DeliveryBatch.id == batch_id)
+        .where(DeliveryBatch.id.in_(batch_ids))
         .values(lease_owner=None, lease_expires_at=None, **values)
     )
 
