@@ -45,6 +45,7 @@ class DeliverySettings:
     max_recipients_per_message: int = 500
     max_connections: int = 4
     starttls: bool = False
+    tls_ca_file: str = ""
     username: str = ""
     password: str = ""
     timeout: float = 60.0
@@ -194,6 +195,10 @@ def _validate(s: Settings) -> None:
     positive("delivery", "retry_factor", s.delivery.retry_factor)
     if s.delivery.retry_initial < 0:
         raise ConfigError(f"{s.source}: [delivery] retry_initial: must not be negative")
+    if s.delivery.tls_ca_file and not Path(s.delivery.tls_ca_file).is_file():
+        raise ConfigError(
+            f"{s.source}: [delivery] tls_ca_file: no such file {s.delivery.tls_ca_file!r}"
+        )
     if not s.database.url:
         raise ConfigError(f"{s.source}: [database] url: must not be empty")
     if s.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

@@ -478,3 +478,125 @@ async def test_a_line_over_1000_characters_gets_500_and_nothing_is_stored(
     assert info.value.message.startswith("5.5.2 ")
     with db.reading() as s:
         assert s.scalar(sa.select(sa.func.count(InboundMessage.id))) == 0
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, made here (no network, no openssl CLI)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "smarthost.test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "smarthost.pem", tmp_path / "smarthost.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+class _TLSRecorder:
+    def __init__(self) -> None:
+        self.received: list[tuple[bool, list[str]]] = []
+        self.event = asyncio.Event()
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.received.append((session.ssl is not None, list(envelope.rcpt_tos)))
+        self.event.set()
+        return "250 OK"
+
+
+async def test_starttls_to_the_smarthost_is_verified_against_the_configured_ca(
+    db: Database, daemon_factory: Any, tmp_path: Path
+) -> None:
+    import ssl
+
+    from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
+
+    cert, key = _self_signed(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    make_list(db, members_=MEMBERS[:2], senders=[SENDER])
+    handler = _TLSRecorder()
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: AiosmtpdSMTP(handler, tls_context=context, require_starttls=True),
+        "127.0.0.1",
+        0,
+    )
+    try:
+        daemon = await daemon_factory(
+            delivery__port=server.sockets[0].getsockname()[1],
+            delivery__starttls=True,
+            delivery__tls_ca_file=str(cert),
+        )
+        await send(daemon.port, post_text())
+        await asyncio.wait_for(handler.event.wait(), 10)
+        await wait_until(lambda: post_state(db) is PostState.SENT)
+        assert handler.received == [(True, sorted(MEMBERS[:2]))]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_an_untrusted_smarthost_certificate_defers_and_sends_nothing(
+    db: Database, daemon_factory: Any, tmp_path: Path
+) -> None:
+    import ssl
+
+    from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
+
+    cert, key = _self_signed(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    make_list(db, members_=MEMBERS[:2], senders=[SENDER])
+    handler = _TLSRecorder()
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: AiosmtpdSMTP(handler, tls_context=context, require_starttls=True),
+        "127.0.0.1",
+        0,
+    )
+    try:
+        daemon = await daemon_factory(
+            delivery__port=server.sockets[0].getsockname()[1], delivery__starttls=True
+        )
+        await send(daemon.port, post_text())
+
+        def deferred_for_tls() -> bool:
+            with db.reading() as s:
+                details = s.scalars(
+                    sa.select(Delivery.detail).where(Delivery.state == RecipientState.DEFERRED)
+                ).all()
+            return len(details) == 2 and all("CERTIFICATE_VERIFY_FAILED" in d for d in details)
+
+        await wait_until(deferred_for_tls)
+        assert handler.received == []
+    finally:
+        server.close()
+        await server.wait_closed()

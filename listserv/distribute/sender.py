@@ -9,6 +9,7 @@ that drops defers every recipient still open: nothing is lost, it is retried.
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Sequence
 
 import aiosmtplib
@@ -39,6 +40,7 @@ class Connection:
             timeout=s.timeout,
             local_hostname=self.local_hostname,
             start_tls=s.starttls,
+            tls_context=self._tls_context() if s.starttls else None,
         )
         await smtp.connect()
         if smtp.is_ehlo_or_helo_needed:
@@ -47,6 +49,10 @@ class Connection:
             await smtp.login(s.username, s.password)
         self._smtp = smtp
         return smtp
+
+    def _tls_context(self) -> ssl.SSLContext:
+        """Verified TLS: against tls_ca_file when given, else the system's CA store."""
+        return ssl.create_default_context(cafile=self.settings.tls_ca_file or None)
 
     async def close(self) -> None:
         smtp, self._smtp = self._smtp, None
