@@ -87,14 +87,35 @@ def render(raw: bytes, view: ListView, signer: dkim.Signer | None) -> bytes:
     return signer.sign(data) if signer else data
 
 
+#: Stands for the recipient in a footer rendered once per batch (ASCII letters,
+#: digits and '-': the same in 7bit, 8bit, quoted-printable and HTML).
+PLACEHOLDER = "LISTSERV-RECIPIENT-7c1e9a"
+_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_+@")
+
+
 def personalize(
     template: bytes, view: ListView, recipients: list[str], signer: dkim.Signer | None
 ) -> list[bytes]:
+    """One message per recipient, each with its own footer line and signature.
+
+    The footer is rendered once with a placeholder, and each copy is that render
+    with the address put in its place, wherever that is exact: the placeholder
+    came out verbatim (not base64), the address needs no escaping in text, HTML
+    or quoted-printable, and no line grows past 76 characters. Other recipients
+    get a full render.
+    """
     base = mail.parse(template)
+    fast = mail.to_bytes(decorate.add_footer(copy.deepcopy(base), footer_text(view, PLACEHOLDER)))
+    token = PLACEHOLDER.encode()
+    room = 76 - max((len(line) for line in fast.splitlines() if token in line), default=999)
+    usable = token in fast
     out: list[bytes] = []
     for recipient in recipients:
-        msg = decorate.add_footer(copy.deepcopy(base), footer_text(view, recipient))
-        data = mail.to_bytes(msg)
+        if usable and set(recipient) <= _SAFE and len(recipient) - len(token) <= room:
+            data = fast.replace(token, recipient.encode())
+        else:
+            msg = decorate.add_footer(copy.deepcopy(base), footer_text(view, recipient))
+            data = mail.to_bytes(msg)
         out.append(signer.sign(data) if signer else data)
     return out
 
