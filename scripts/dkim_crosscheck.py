@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""Cross-check our DKIM signatures with an independent verifier (Perl Mail::DKIM).
+
+The test suite verifies with dkimpy, which also signs; this script renders
+sample posts through listserv's real pipeline (decorate + sign), then asks
+Perl's Mail::DKIM (Debian: libmail-dkim-perl) to verify each one, serving our
+public key in place of DNS. It also checks that a tampered copy fails.
+Offline; prints one line per message and exits non-zero on any mismatch.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from listserv.distribute import dkim, prepare
+from listserv.models import DeliveryMode
+
+VERIFY_PL = r"""
+use strict; use warnings;
+use Mail::DKIM::Verifier; use Net::DNS;
+my $txt = shift @ARGV;
+no warnings 'redefine';
+*Mail::DKIM::DNS::query_async = sub {
+  my ($host, $type, %args) = @_;
+  my $rr = Net::DNS::RR->new(name => $host, type => 'TXT', txtdata => [$txt =~ /(.{1,255})/g]);
+  my $result = $args{Callbacks}{Success}->($rr);
+  return sub { $result };
+};
+for my $file (@ARGV) {
+  my $v = Mail::DKIM::Verifier->new();
+  open my $fh, '<', $file or die; binmode $fh; $v->load($fh); close $fh;
+  print $v->result, "\n";
+}
+"""
+
+SAMPLES = {
+    "plain-8bit": (
+        b"From: Boss <boss@example.org>\r\nTo: staff@lists.example.org\r\n"
+        b"Subject: =?utf-8?q?Gr=C3=BC=C3=9Fe?= and a long subject that needs folding when "
+        b"the prefix is added to it\r\nMIME-Version: 1.0\r\n"
+        b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+        b"Sch\xc3\xb6ne Gr\xc3\xbc\xc3\x9fe.\r\n"
+    ),
+    "alternative": (
+        b"From: boss@example.org\r\nSubject: Hi\r\nMIME-Version: 1.0\r\nContent-Type: "
+        b'multipart/alternative; boundary="b"\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\n'
+        b"Hello.\r\n--b\r\nContent-Type: text/html\r\n\r\n<html><body>Hello</body></html>\r\n"
+        b"--b--\r\n"
+    ),
+    "no-headers-to-speak-of": b"From: boss@example.org\r\n\r\nbody only\r\n",
+}
+
+
+def main() -> int:
+    if (
+        not shutil.which("perl")
+        or subprocess.run(
+            ["perl", "-MMail::DKIM::Verifier", "-e", "1"], capture_output=True
+        ).returncode
+    ):
+        print("Perl Mail::DKIM is not installed (Debian: apt-get install libmail-dkim-perl)")
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="dkim-crosscheck-"))
+    key = dkim.generate_key(work / "keys", "lists.example.org", "s1", 2048)
+    view = prepare.ListView(
+        name="staff",
+        domain="lists.example.org",
+        list_id="staff.lists.example.org",
+        description="Staff · Köln",
+        subject_prefix="[staff]",
+        footer="",
+        delivery_mode=DeliveryMode.SHARED,
+    )
+    signer = dkim.Signer(key)
+    files: list[tuple[str, Path, str]] = []
+    for name, raw in SAMPLES.items():
+        signed = prepare.render(raw, view, signer)
+        good = work / f"{name}.eml"
+        good.write_bytes(signed)
+        bad = work / f"{name}-tampered.eml"
+        bad.write_bytes(signed.replace(b"\r\n\r\n", b"\r\n\r\nX", 1))
+        files += [(name, good, "pass"), (f"{name} (tampered)", bad, "fail")]
+    script = work / "verify.pl"
+    script.write_text(VERIFY_PL)
+    out = subprocess.run(
+        ["perl", str(script), key.public_txt(), *(str(f) for _, f, _ in files)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    failures = 0
+    for (name, _, expected), got in zip(files, out, strict=True):
+        ok = got == expected
+        failures += not ok
+        print(f"{'ok ' if ok else 'BAD'} {name}: Mail::DKIM says {got}, expected {expected}")
+    shutil.rmtree(work, ignore_errors=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
