@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ class Daemon:
         self.ready = asyncio.Event()
         self.smtp_port: int = 0
         self.http_port: int = 0
+        #: the lease owner of this daemon's batches: host:pid:tag
+        self.worker = queue.worker_id(f"d{secrets.token_hex(3)}")
         self._stop = asyncio.Event()
         self._posts_waiting = asyncio.Event()
         self._dispatch = asyncio.Event()
@@ -152,7 +155,7 @@ class Daemon:
         one in hand and one waiting: a thread hop and a commit per round, not per
         batch. On stop it hands unstarted batches back and records the last results.
         """
-        worker = queue.worker_id("dispatch")
+        worker = self.worker
         lease = timedelta(seconds=self.settings.delivery.lease_seconds)
         slots = 2 * self.settings.delivery.max_connections
         while True:
@@ -233,7 +236,7 @@ class Daemon:
 
     def _release(self, batch_id: int) -> None:
         with self.db.session(durable=False) as session:
-            queue.release(session, batch_id, queue.worker_id("dispatch"))
+            queue.release(session, batch_id, self.worker)
 
     async def _deliver(self, conn: sender.Connection, batch: ClaimedBatch) -> list[RecipientResult]:
         ready = self._cache.get(batch.post_id)

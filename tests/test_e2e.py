@@ -600,3 +600,23 @@ async def test_an_untrusted_smarthost_certificate_defers_and_sends_nothing(
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_two_daemons_on_one_database_deliver_each_recipient_once(
+    db: Database, sink: Sink, daemon_factory: Any
+) -> None:
+    many = [f"user{i}@d{i % 7}.example" for i in range(300)]
+    make_list(db, members_=many, senders=[SENDER])
+    first = await daemon_factory(delivery__max_recipients_per_message=5)
+    second = await daemon_factory(delivery__max_recipients_per_message=5)
+    await send(first.port, post_text())
+    await sink.wait_for_recipients(len(many), timeout=30)
+    await wait_until(lambda: post_state(db) is PostState.SENT, timeout=30)
+    assert Counter(sink.recipients()) == Counter(many)
+    with db.reading() as s:
+        owners = set(
+            s.scalars(sa.select(DeliveryBatch.lease_owner).where(DeliveryBatch.attempts > 1))
+        )
+    assert owners == set()  # no batch needed a second attempt
+    await second.stop()
+    await first.stop()
