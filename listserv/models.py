@@ -79,6 +79,11 @@ class PostState(enum.StrEnum):
     FAILED = "failed"  # could not be prepared; kept for the operator
 
 
+class Audience(enum.StrEnum):
+    MEMBERS = "members"  # a post: decorated, signed, to the members
+    OWNERS = "owners"  # mail to NAME-owner@: forwarded unchanged to the owners
+
+
 class BatchState(enum.StrEnum):
     PENDING = "pending"  # due at next_attempt_at
     LEASED = "leased"  # claimed by a worker until lease_expires_at
@@ -126,6 +131,7 @@ class Base(DeclarativeBase):
         DeliveryStatus: _enum(DeliveryStatus),
         InboundState: _enum(InboundState),
         PostState: _enum(PostState),
+        Audience: _enum(Audience),
         BatchState: _enum(BatchState),
         RecipientState: _enum(RecipientState),
     }
@@ -196,6 +202,7 @@ class Post(Base):
         sa.ForeignKey("inbound_messages.id", ondelete="CASCADE")
     )
     state: Mapped[PostState]
+    audience: Mapped[Audience] = mapped_column(default=Audience.MEMBERS)
     reason: Mapped[str] = mapped_column(sa.Text, default="")
     sender: Mapped[Address]
     subject: Mapped[str] = mapped_column(sa.Text, default="")

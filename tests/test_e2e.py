@@ -620,3 +620,36 @@ async def test_two_daemons_on_one_database_deliver_each_recipient_once(
     assert owners == set()  # no batch needed a second attempt
     await second.stop()
     await first.stop()
+
+
+async def test_mail_to_the_owner_address_is_forwarded_unchanged_to_the_owners(
+    db: Database, sink: Sink, daemon_factory: Any
+) -> None:
+    address = make_list(db, members_=MEMBERS, senders=[SENDER])
+    from listserv import lists, members
+    from listserv.models import Role
+
+    with db.session() as s:
+        members.add(s, lists.get(s, address), ["second-owner@example.org"], role=Role.OWNER)
+    daemon = await daemon_factory()
+    raw = message(
+        """
+        From: A Stranger <stranger@elsewhere.example>
+        To: staff-owner@lists.example.org
+        Subject: Please add me
+
+        Hello owners.
+        """
+    )
+    errors, _ = await send(
+        daemon.port,
+        raw,
+        sender="stranger@elsewhere.example",
+        rcpts=["staff-owner@lists.example.org"],
+    )
+    assert errors == {}
+    await sink.wait_for_recipients(2)
+    assert sorted(sink.recipients()) == ["owner@example.org", "second-owner@example.org"]
+    for received in sink.received:
+        assert received.mail_from == "staff-bounces@lists.example.org"
+        assert received.data.rstrip(b"\r\n") == raw.rstrip(b"\r\n")  # not decorated

@@ -17,7 +17,7 @@ from listserv.addresses import Kind
 from listserv.config import Settings
 from listserv.db import Database
 from listserv.distribute import decorate, dkim, queue
-from listserv.models import DeliveryMode, InboundMessage, MailingList, Post
+from listserv.models import Audience, DeliveryMode, InboundMessage, MailingList, Post
 
 log = logging.getLogger("listserv.prepare")
 
@@ -143,8 +143,12 @@ def queue_post(db: Database, settings: Settings, post_id: int) -> int | None:
         assert mlist is not None and inbound is not None
         view = ListView.of(mlist)
         raw = inbound.raw
+        audience = post.audience
     try:
-        prepared = render(raw, view, signer_for(settings.keys_dir, view.domain))
+        if audience is Audience.OWNERS:
+            prepared = raw  # forwarded as it came: its own signatures stay valid
+        else:
+            prepared = render(raw, view, signer_for(settings.keys_dir, view.domain))
     except Exception as exc:
         log.exception("post %d: could not be prepared", post_id)
         with db.session() as session:
@@ -154,7 +158,7 @@ def queue_post(db: Database, settings: Settings, post_id: int) -> int | None:
         locked = queue.lock_accepted_post(session, post_id)
         if locked is None:
             return None
-        rcpts = queue.recipients(session, locked.list_id)
+        rcpts = queue.recipients(session, locked.list_id, audience)
         batches = queue.enqueue(
             session,
             locked,
@@ -163,6 +167,8 @@ def queue_post(db: Database, settings: Settings, post_id: int) -> int | None:
             addresses=rcpts,
             max_per_batch=settings.delivery.max_recipients_per_message,
         )
+    if audience is Audience.OWNERS and not rcpts:
+        log.warning("post %d: %s has no owners to forward to (kept)", post_id, view.address())
     log.info(
         "post %d to %s: queued %d recipients in %d batches",
         post_id,

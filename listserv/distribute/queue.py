@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from listserv.config import DeliverySettings
 from listserv.distribute.retry import next_attempt
 from listserv.models import (
+    Audience,
     BatchState,
     Delivery,
     DeliveryBatch,
@@ -94,17 +95,17 @@ def lock_accepted_post(session: Session, post_id: int) -> Post | None:
     return session.scalar(stmt)
 
 
-def recipients(session: Session, list_id: int) -> list[str]:
-    """The addresses a post goes to now: members with delivery enabled, one query."""
-    stmt = (
-        sa.select(Member.address)
-        .where(
-            Member.list_id == list_id,
-            Member.role == Role.MEMBER,
-            Member.delivery_status == DeliveryStatus.ENABLED,
+def recipients(session: Session, list_id: int, audience: Audience = Audience.MEMBERS) -> list[str]:
+    """Who a post goes to now, in one query: the members with delivery enabled,
+    or, for mail to NAME-owner@, every owner."""
+    stmt = sa.select(Member.address).where(Member.list_id == list_id)
+    if audience is Audience.OWNERS:
+        stmt = stmt.where(Member.role == Role.OWNER)
+    else:
+        stmt = stmt.where(
+            Member.role == Role.MEMBER, Member.delivery_status == DeliveryStatus.ENABLED
         )
-        .execution_options(yield_per=CHUNK)
-    )
+    stmt = stmt.execution_options(yield_per=CHUNK)
     seen: set[str] = set()
     result: list[str] = []
     for address in session.scalars(stmt):
@@ -235,7 +236,9 @@ def claim_batches(
     posts = {
         row.id: row
         for row in conn.execute(
-            sa.select(Post.id, Post.envelope_from, Post.list_id, MailingList.delivery_mode)
+            sa.select(
+                Post.id, Post.envelope_from, Post.list_id, Post.audience, MailingList.delivery_mode
+            )
             .join(MailingList, MailingList.id == Post.list_id)
             .where(Post.id.in_({row.post_id for row in leased}))
         )
@@ -255,7 +258,11 @@ def claim_batches(
             attempts=row.attempts,
             created_at=row.created_at,
             envelope_from=posts[row.post_id].envelope_from,
-            delivery_mode=posts[row.post_id].delivery_mode,
+            delivery_mode=(
+                DeliveryMode.SHARED  # forwards to the owners are never personalized
+                if posts[row.post_id].audience is Audience.OWNERS
+                else posts[row.post_id].delivery_mode
+            ),
             list_id=posts[row.post_id].list_id,
             recipients=tuple(rcpts[row.id]),
         )

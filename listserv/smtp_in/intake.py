@@ -21,7 +21,14 @@ from listserv import addresses, lists, mail, members, replies
 from listserv.addresses import Kind, ListAddress
 from listserv.db import Database
 from listserv.errors import InvalidAddress
-from listserv.models import InboundMessage, InboundState, MailingList, Post, PostState
+from listserv.models import (
+    Audience,
+    InboundMessage,
+    InboundState,
+    MailingList,
+    Post,
+    PostState,
+)
 from listserv.pipeline.context import PostContext
 from listserv.pipeline.decide import decide
 from listserv.pipeline.decision import Action, Decision
@@ -102,13 +109,15 @@ def receive(db: Database, envelope: Envelope) -> Outcome:
                 mail_from=envelope.mail_from,
                 rcpt_tos=[a.list_address if kind is Kind.POST else _original(a) for a in group],
                 kind=kind.value,
-                state=InboundState.DONE if kind is Kind.POST else InboundState.PENDING,
+                state=InboundState.DONE if kind in HANDLED else InboundState.PENDING,
                 peer=envelope.peer[:100],
                 raw=envelope.content,
             )
             session.add(inbound)
             session.flush()
             inbound_ids.append(inbound.id)
+            if kind is Kind.OWNER:
+                post_ids.extend(_forward_to_owners(session, inbound, group, msg))
             if kind is not Kind.POST:
                 continue
             for mlist, ctx, decision in decisions:
@@ -139,6 +148,34 @@ def receive(db: Database, envelope: Envelope) -> Outcome:
     return Outcome(
         replies.QUEUED.with_text(f"Queued as {ref}"), tuple(inbound_ids), tuple(post_ids), states
     )
+
+
+#: kinds handled here; the others wait (stored) for their issues' processors
+HANDLED = frozenset({Kind.POST, Kind.OWNER})
+
+
+def _forward_to_owners(
+    session: Session, inbound: InboundMessage, group: list[ListAddress], msg: EmailMessage
+) -> list[int]:
+    """Mail to NAME-owner@ goes to the owners as it came: no policy, no decoration."""
+    sender = (mail.addresses(msg, "From") or [inbound.mail_from or "<>"])[0]
+    ids: list[int] = []
+    for target in dict.fromkeys(group):
+        mlist = lists.get(session, target.list_address)
+        post = Post(
+            list_id=mlist.id,
+            inbound_id=inbound.id,
+            state=PostState.ACCEPTED,
+            audience=Audience.OWNERS,
+            sender=sender[:320],
+            subject=(mail.header(msg, "Subject") or "")[:998],
+            message_id=(mail.header(msg, "Message-ID") or "")[:998],
+        )
+        session.add(post)
+        session.flush()
+        ids.append(post.id)
+        log.info("post %d: mail from %s to the owners of %s", post.id, sender, mlist.address)
+    return ids
 
 
 _STATES = {

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-23 19:03:34.650499
+Create Date: 2026-11-23 20:12:32.168391
 """
 
 from __future__ import annotations
@@ -155,6 +155,18 @@ def upgrade() -> None:
                 "discarded",
                 "failed",
                 name="poststate",
+                native_enum=False,
+                create_constraint=True,
+                length=16,
+            ),
+            nullable=False,
+        ),
+        sa.Column(
+            "audience",
+            sa.Enum(
+                "members",
+                "owners",
+                name="audience",
                 native_enum=False,
                 create_constraint=True,
                 length=16,
