@@ -153,11 +153,17 @@ class Daemon:
         Each round trip to the database records every batch finished since the
         last one and leases enough new batches to keep each connection busy with
         one in hand and one waiting: a thread hop and a commit per round, not per
-        batch. On stop it hands unstarted batches back and records the last results.
+        batch. It renews the leases it holds well before they run out, so a slow
+        smarthost never lets a batch in hand look abandoned. On stop it hands
+        unstarted batches back and records the last results.
         """
         worker = self.worker
         lease = timedelta(seconds=self.settings.delivery.lease_seconds)
+        renew_every = self.settings.delivery.lease_seconds / 3
         slots = 2 * self.settings.delivery.max_connections
+        held: set[int] = set()  # leased by us, not yet recorded or handed back
+        loop = asyncio.get_running_loop()
+        renewed = loop.time()
         while True:
             stopping = self._stop.is_set()
             unstarted: list[ClaimedBatch] = []
@@ -168,11 +174,19 @@ class Daemon:
                         unstarted.append(batch)
             finished, self._finished = self._finished, []
             want = 0 if stopping else slots - self._outbox.qsize() - self._in_flight
+            renew = held and loop.time() - renewed >= renew_every
             claimed: list[ClaimedBatch] = []
-            if finished or unstarted or want > 0:
+            if finished or unstarted or want > 0 or renew:
+                closed = {b.id for b, _ in finished} | {b.id for b in unstarted}
                 try:
                     claimed = await asyncio.to_thread(
-                        self._record_and_claim, finished, unstarted, worker, lease, want
+                        self._record_and_claim,
+                        finished,
+                        unstarted,
+                        sorted(held - closed) if renew else [],
+                        worker,
+                        lease,
+                        want,
                     )
                 except Exception:
                     log.exception("dispatcher: could not reach the queue (will retry)")
@@ -181,6 +195,10 @@ class Daemon:
                         self._outbox.put_nowait(batch)
                     await asyncio.sleep(self.settings.delivery.poll_interval)
                     continue
+                held -= closed
+                held.update(b.id for b in claimed)
+                if renew:
+                    renewed = loop.time()
             for batch in claimed:
                 self._outbox.put_nowait(batch)
             if stopping and self._in_flight == 0 and not self._finished:
@@ -188,18 +206,21 @@ class Daemon:
                     self._outbox.put_nowait(None)
                 return
             if not claimed and not self._finished:
-                await _wait(self._dispatch, self.settings.delivery.poll_interval)
+                await _wait(self._dispatch, min(self.settings.delivery.poll_interval, renew_every))
 
     def _record_and_claim(
         self,
         finished: list[tuple[ClaimedBatch, list[RecipientResult]]],
         unstarted: list[ClaimedBatch],
+        renew: list[int],
         worker: str,
         lease: timedelta,
         want: int,
     ) -> list[ClaimedBatch]:
         claimed: list[ClaimedBatch] = []
         with self.db.session(durable=False) as session:
+            if renew:
+                queue.renew_leases(session, renew, worker=worker, lease=lease)
             states = queue.complete_batches(session, finished, self.settings.delivery)
             for batch in unstarted:
                 queue.release(session, batch.id, worker)

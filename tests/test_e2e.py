@@ -653,3 +653,18 @@ async def test_mail_to_the_owner_address_is_forwarded_unchanged_to_the_owners(
     for received in sink.received:
         assert received.mail_from == "staff-bounces@lists.example.org"
         assert received.data.rstrip(b"\r\n") == raw.rstrip(b"\r\n")  # not decorated
+
+
+async def test_a_slow_smarthost_does_not_make_a_batch_in_hand_look_abandoned(
+    db: Database, sink: Sink, daemon_factory: Any
+) -> None:
+    three = ["a@d1.example", "b@d2.example", "c@d3.example"]
+    make_list(db, members_=three, senders=[SENDER])
+    sink.delay("DATA", 1.2, times=-1)  # each transaction outlasts the lease twice over
+    daemon = await daemon_factory(delivery__lease_seconds=0.5, delivery__max_connections=1)
+    await send(daemon.port, post_text())
+    await sink.wait_for_recipients(3, timeout=20)
+    await wait_until(lambda: post_state(db) is PostState.SENT, timeout=20)
+    assert Counter(sink.recipients()) == Counter(three)
+    with db.reading() as s:
+        assert set(s.scalars(sa.select(DeliveryBatch.attempts))) == {1}

@@ -289,3 +289,16 @@ def test_bulk_claim_and_record_finish_the_post(db: Database) -> None:
         post = s.get(Post, post_id)
         assert post is not None and post.state is PostState.SENT
         assert set(s.scalars(sa.select(Delivery.state))) == {RecipientState.DELIVERED}
+
+
+def test_renewed_lease_is_not_claimable_by_others(db: Database) -> None:
+    address = make_list(db)
+    _queue(db, address, 1)
+    with db.session() as s:
+        batch = queue.claim_batch(s, worker="a", lease=timedelta(seconds=-1))
+    assert batch is not None
+    with db.session() as s:
+        assert queue.renew_leases(s, [batch.id], worker="a", lease=timedelta(minutes=5)) == 1
+        assert queue.renew_leases(s, [batch.id], worker="b", lease=timedelta(minutes=5)) == 0
+    with db.session() as s:
+        assert queue.claim_batch(s, worker="b", lease=timedelta(minutes=5)) is None

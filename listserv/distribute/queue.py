@@ -376,6 +376,22 @@ def _finish_post_if_done(session: Session, post_id: int, now: datetime) -> None:
         )
 
 
+def renew_leases(
+    session: Session, batch_ids: Sequence[int], *, worker: str, lease: timedelta
+) -> int:
+    """Extend the leases `worker` still holds (a heartbeat); returns how many it held."""
+    result = session.connection().execute(
+        sa.update(DeliveryBatch)
+        .where(
+            DeliveryBatch.id.in_(batch_ids),
+            DeliveryBatch.lease_owner == worker,
+            DeliveryBatch.state == BatchState.LEASED,
+        )
+        .values(lease_expires_at=utcnow() + lease)
+    )
+    return result.rowcount
+
+
 def release(session: Session, batch_id: int, worker: str) -> None:
     """Give a leased batch back untouched (graceful shutdown)."""
     session.execute(
