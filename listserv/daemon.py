@@ -1,9 +1,11 @@
-"""The daemon: SMTP listener, post scheduler, delivery workers and HTTP endpoint in one loop.
+"""The daemon: SMTP listener, post scheduler, delivery dispatcher and senders, and the
+HTTP endpoint, in one event loop.
 
-`Daemon.run()` returns after `stop()` (SIGTERM/SIGINT in `listserv serve`):
-the listener closes first, workers finish the batch in hand for up to
-`shutdown_timeout` seconds, and a batch still in hand after that is handed back
-to the queue untouched. Blocking work (database, signing) runs in threads.
+`Daemon.run()` returns after `stop()` (SIGTERM/SIGINT in `listserv serve`): the
+listener closes first, leased but unstarted batches go back to the queue, senders
+finish the batch in hand for up to SHUTDOWN_TIMEOUT seconds, and a batch still in
+hand after that is handed back untouched. Blocking work (database, rendering,
+signing) runs in threads.
 """
 
 from __future__ import annotations
@@ -123,6 +125,7 @@ class Daemon:
         while not self._stop.is_set():
             with _logged("scheduler"):
                 post_ids = await asyncio.to_thread(self._accepted_posts)
+                progressed = False
                 for post_id in post_ids:
                     if self._stop.is_set():
                         return
@@ -130,11 +133,12 @@ class Daemon:
                     batches = await asyncio.to_thread(
                         prepare.queue_post, self.db, self.settings, post_id
                     )
+                    progressed |= batches is not None
                     if batches:
                         log.debug("post %d queued in %.3fs", post_id, time.perf_counter() - started)
                         self._dispatch.set()
-                if post_ids:
-                    continue
+                if progressed:
+                    continue  # more may be waiting; a post another daemon holds is not ours
             await _wait(self._posts_waiting, self.settings.delivery.poll_interval)
 
     def _accepted_posts(self) -> list[int]:

@@ -25,5 +25,4 @@ RELAY_DENIED = Reply(550, "5.1.1", "Relaying denied: we only accept mail for our
 NOT_ALLOWED = Reply(550, "5.7.1", "You are not allowed to post to this list")
 LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long: at most 1000 characters (RFC 5321 4.5.3.1.6)")
 TOO_BIG = Reply(552, "5.3.4", "Message too big for this list server")
-BAD_SYNTAX = Reply(501, "5.1.3", "Bad address syntax")
 TEMP_FAILURE = Reply(451, "4.3.0", "Temporary failure, please try again later")

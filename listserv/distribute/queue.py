@@ -444,15 +444,6 @@ def _alive(owner: str) -> bool:
     return True
 
 
-def next_due(session: Session) -> datetime | None:
-    """When the earliest pending batch is due (to sleep exactly that long)."""
-    return session.scalar(
-        sa.select(sa.func.min(DeliveryBatch.next_attempt_at)).where(
-            DeliveryBatch.state == BatchState.PENDING
-        )
-    )
-
-
 # -- status ---------------------------------------------------------------------------
 
 
