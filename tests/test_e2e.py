@@ -660,8 +660,8 @@ async def test_a_slow_smarthost_does_not_make_a_batch_in_hand_look_abandoned(
 ) -> None:
     three = ["a@d1.example", "b@d2.example", "c@d3.example"]
     make_list(db, members_=three, senders=[SENDER])
-    sink.delay("DATA", 1.2, times=-1)  # each transaction outlasts the lease twice over
-    daemon = await daemon_factory(delivery__lease_seconds=0.5, delivery__max_connections=1)
+    sink.delay("DATA", 2.5, times=-1)  # each transaction outlasts the lease twice over
+    daemon = await daemon_factory(delivery__lease_seconds=1.0, delivery__max_connections=3)
     await send(daemon.port, post_text())
     await sink.wait_for_recipients(3, timeout=20)
     await wait_until(lambda: post_state(db) is PostState.SENT, timeout=20)
