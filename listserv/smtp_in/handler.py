@@ -14,6 +14,7 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from listserv import replies
+from listserv.addresses import ListAddress
 from listserv.db import Database
 from listserv.replies import Reply
 from listserv.smtp_in import intake
@@ -47,6 +48,7 @@ class InboundHandler:
             log.info("refused RCPT TO:<%s> from %s: %s", address, _peer(session), result)
             return str(result)
         envelope.rcpt_tos.append(address)
+        _targets(envelope).append(result)
         return str(replies.RCPT_OK)
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
@@ -58,6 +60,7 @@ class InboundHandler:
             rcpt_tos=tuple(envelope.rcpt_tos),
             content=content,
             peer=_peer(session),
+            targets=tuple(_targets(envelope)),
         )
         try:
             outcome = await asyncio.to_thread(intake.receive, self.db, request)
@@ -68,6 +71,16 @@ class InboundHandler:
         if outcome.accepted_posts:
             self.on_accepted()
         return str(outcome.reply)
+
+
+def _targets(envelope: Envelope) -> list[ListAddress]:
+    """The list addresses resolved at RCPT, kept on the envelope for DATA
+    (aiosmtpd makes a new Envelope for each transaction)."""
+    targets: list[ListAddress] | None = getattr(envelope, "listserv_targets", None)
+    if targets is None:
+        targets = []
+        envelope.listserv_targets = targets  # type: ignore[attr-defined]
+    return targets
 
 
 def _peer(session: Session) -> str:

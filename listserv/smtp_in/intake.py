@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from listserv import addresses, lists, mail, members, replies
 from listserv.addresses import Kind, ListAddress
 from listserv.db import Database
-from listserv.errors import InvalidAddress
+from listserv.errors import InvalidAddress, NotFound
 from listserv.models import (
     Audience,
     InboundMessage,
@@ -43,6 +43,8 @@ class Envelope:
     rcpt_tos: tuple[str, ...]
     content: bytes
     peer: str = ""
+    #: what RCPT already resolved, one per rcpt_tos entry (else resolved here)
+    targets: tuple[ListAddress, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,12 +77,23 @@ def _serves_domain(session: Session, domain: str) -> bool:
 
 def receive(db: Database, envelope: Envelope) -> Outcome:
     targets: dict[Kind, list[ListAddress]] = defaultdict(list)
-    for rcpt in envelope.rcpt_tos:
-        resolved = resolve(db, rcpt)
-        if isinstance(resolved, Reply):
-            return Outcome(resolved)  # a list was deleted between RCPT and DATA
-        targets[resolved.kind].append(resolved)
+    for target in envelope.targets or _resolve_all(db, envelope.rcpt_tos):
+        if isinstance(target, Reply):
+            return Outcome(target)
+        targets[target.kind].append(target)
+    try:
+        return _receive(db, envelope, targets)
+    except NotFound as exc:  # a list deleted between RCPT and DATA
+        return Outcome(replies.NO_SUCH_LIST.with_text(str(exc)))
 
+
+def _resolve_all(db: Database, rcpts: tuple[str, ...]) -> list[ListAddress | Reply]:
+    return [resolve(db, rcpt) for rcpt in rcpts]
+
+
+def _receive(
+    db: Database, envelope: Envelope, targets: dict[Kind, list[ListAddress]]
+) -> Outcome:
     msg = mail.parse(envelope.content)
     decisions: list[tuple[MailingList, PostContext, Decision]] = []
     if targets.get(Kind.POST):
