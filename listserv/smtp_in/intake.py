@@ -91,9 +91,7 @@ def _resolve_all(db: Database, rcpts: tuple[str, ...]) -> list[ListAddress | Rep
     return [resolve(db, rcpt) for rcpt in rcpts]
 
 
-def _receive(
-    db: Database, envelope: Envelope, targets: dict[Kind, list[ListAddress]]
-) -> Outcome:
+def _receive(db: Database, envelope: Envelope, targets: dict[Kind, list[ListAddress]]) -> Outcome:
     msg = mail.parse(envelope.content)
     decisions: list[tuple[MailingList, PostContext, Decision]] = []
     if targets.get(Kind.POST):
