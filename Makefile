@@ -21,6 +21,10 @@ run: install
 	$(BIN)/listserv --config $(CONFIG) serve
 
 lint: install
+	@tracked="$$(git ls-files -ci --exclude-standard 2>/dev/null)"; \
+	if [ -n "$$tracked" ]; then \
+		echo "tracked files that .gitignore ignores (git rm -r --cached them):"; \
+		echo "$$tracked" | head -n 20; exit 1; fi
 	$(BIN)/ruff check listserv tests scripts
 	$(BIN)/ruff format --check listserv tests scripts
 	$(BIN)/mypy
