@@ -4,7 +4,7 @@ One `Database` object per process. On SQLite (the embedded default) it turns on
 WAL, foreign keys and a busy timeout, and starts write transactions with
 ``BEGIN IMMEDIATE`` so that two writers queue up instead of failing half-way
 through a transaction; read-only sessions use a plain deferred ``BEGIN``.
-On PostgreSQL the queue claims use ``FOR UPDATE SKIP LOCKED`` (distribute/queue.py).
+On PostgreSQL the queue claims use ``FOR UPDATE SKIP LOCKED`` (distribute/batches.py).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -117,9 +118,24 @@ class Database:
             path.parent.mkdir(parents=True, exist_ok=True)
         before = self.current_revision()
         cfg = self._alembic_config()
-        with self.engine.begin() as conn:
-            cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
+        # SQLite rebuilds tables to alter them: with foreign keys on, dropping the old
+        # table would cascade-delete every row that refers to it. Migrate with them
+        # off, then check that every reference still holds before committing.
+        engine = self.engine
+        if self.is_sqlite:
+            engine = sa.create_engine(self.url, connect_args={"timeout": 30})
+            _configure_sqlite(engine, foreign_keys=False)
+        try:
+            with engine.begin() as conn:
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, "head")
+                if self.is_sqlite:
+                    broken = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                    if broken:
+                        raise DatabaseError(f"migration left broken references: {broken[:5]}")
+        finally:
+            if engine is not self.engine:
+                engine.dispose()
         return before, self.head_revision()
 
     def head_revision(self) -> str:
@@ -153,13 +169,26 @@ class Database:
         return self.url.render_as_string(hide_password=True)
 
 
-def _configure_sqlite(engine: sa.Engine) -> None:
+def db_now(session: Session) -> datetime:
+    """The database's clock: lease times of every host are measured on it.
+
+    PostgreSQL's ``now()`` (the transaction's start) is shared by every daemon on
+    the database; an SQLite file has one host, whose clock is the database's.
+    """
+    if session.get_bind().dialect.name == "sqlite":
+        return datetime.now(UTC)
+    value = session.scalar(sa.select(sa.func.now()))
+    assert isinstance(value, datetime)
+    return value.astimezone(UTC)
+
+
+def _configure_sqlite(engine: sa.Engine, *, foreign_keys: bool = True) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
         cursor = dbapi_conn.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}")
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.close()
 

@@ -137,9 +137,15 @@ class Base(DeclarativeBase):
     }
 
 
+#: SQLite reuses the largest rowid after a delete unless the table is AUTOINCREMENT: a
+#: deleted post's id came back for the next post and a cache keyed by it sent the
+#: deleted list's post to another list (foundation review). PostgreSQL never reuses.
+NO_REUSE = {"sqlite_autoincrement": True}
+
+
 class MailingList(Base):
     __tablename__ = "mailing_lists"
-    __table_args__ = (sa.UniqueConstraint("local_part", "domain"),)
+    __table_args__ = (sa.UniqueConstraint("local_part", "domain"), NO_REUSE)
 
     id: Mapped[IntPK]
     local_part: Mapped[str] = mapped_column(sa.String(64))
@@ -166,6 +172,7 @@ class Member(Base):
     __table_args__ = (
         sa.UniqueConstraint("list_id", "address", "role"),
         sa.Index("ix_members_list_role", "list_id", "role"),
+        NO_REUSE,
     )
 
     id: Mapped[IntPK]
@@ -181,6 +188,7 @@ class InboundMessage(Base):
     """Raw mail as it arrived: the record, kept before we answer 250."""
 
     __tablename__ = "inbound_messages"
+    __table_args__ = (NO_REUSE,)
 
     id: Mapped[IntPK]
     received_at: Mapped[CreatedAt]
@@ -194,7 +202,7 @@ class InboundMessage(Base):
 
 class Post(Base):
     __tablename__ = "posts"
-    __table_args__ = (sa.Index("ix_posts_state", "state"),)
+    __table_args__ = (sa.Index("ix_posts_state", "state"), NO_REUSE)
 
     id: Mapped[IntPK]
     list_id: Mapped[int] = mapped_column(sa.ForeignKey("mailing_lists.id", ondelete="CASCADE"))
@@ -210,6 +218,11 @@ class Post(Base):
     envelope_from: Mapped[Address] = mapped_column(default="")
     prepared: Mapped[bytes | None] = mapped_column(sa.LargeBinary, default=None)
     recipient_count: Mapped[int] = mapped_column(default=0)
+    #: how it was rendered when queued (mode and list values): a setting changed while
+    #: batches wait must not change what they send (foundation review)
+    delivery_mode: Mapped[DeliveryMode | None] = mapped_column(default=None)
+    render: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON, default=None)
+    queued_at: Mapped[datetime | None] = mapped_column(default=None)
     created_at: Mapped[CreatedAt]
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
 
@@ -221,6 +234,7 @@ class DeliveryBatch(Base):
     __table_args__ = (
         sa.Index("ix_delivery_batches_due", "state", "next_attempt_at"),
         sa.Index("ix_delivery_batches_post", "post_id", "state"),
+        NO_REUSE,
     )
 
     id: Mapped[IntPK]
@@ -231,6 +245,8 @@ class DeliveryBatch(Base):
     next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
     lease_owner: Mapped[str | None] = mapped_column(sa.String(200), default=None)
     lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    #: new for every claim: completing, renewing or releasing needs owner and token
+    claim_token: Mapped[str | None] = mapped_column(sa.String(32), default=None)
     last_error: Mapped[str] = mapped_column(sa.Text, default="")
     created_at: Mapped[CreatedAt]
 
@@ -242,6 +258,7 @@ class Delivery(Base):
     __table_args__ = (
         sa.Index("ix_deliveries_batch", "batch_id", "state"),
         sa.Index("ix_deliveries_post", "post_id", "state"),
+        NO_REUSE,
     )
 
     id: Mapped[IntPK]
@@ -258,6 +275,7 @@ class AuditEntry(Base):
     """Who changed what, from the CLI or by e-mail."""
 
     __tablename__ = "audit_log"
+    __table_args__ = (NO_REUSE,)
 
     id: Mapped[IntPK]
     at: Mapped[CreatedAt]

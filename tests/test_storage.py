@@ -2,29 +2,17 @@
 
 from __future__ import annotations
 
-import threading
-from datetime import timedelta
-
 import pytest
-import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from conftest import make_list
 
 from listserv import config, lists, members
 from listserv.db import Database
-from listserv.distribute import queue
-from listserv.distribute.queue import RecipientResult
+from listserv.distribute import posts
 from listserv.errors import AlreadyExists, DatabaseError, InvalidAddress, InvalidInput
 from listserv.models import (
     Base,
-    BatchState,
-    Delivery,
-    DeliveryBatch,
-    InboundMessage,
-    Post,
-    PostState,
-    RecipientState,
     Role,
 )
 
@@ -116,189 +104,4 @@ def test_large_import_is_bulk(db: Database) -> None:
         )
     assert report.added == 20000
     with db.reading() as s:
-        assert len(queue.recipients(s, lists.get(s, address).id)) == 20000
-
-
-def _accepted_post(db: Database, address: str) -> int:
-    with db.session() as s:
-        mlist = lists.get(s, address)
-        inbound = InboundMessage(
-            mail_from="x@example.org", rcpt_tos=[address], kind="post", raw=b"x"
-        )
-        s.add(inbound)
-        s.flush()
-        post = Post(list_id=mlist.id, inbound_id=inbound.id, state=PostState.ACCEPTED, sender="x")
-        s.add(post)
-        s.flush()
-        return post.id
-
-
-def _queue(db: Database, address: str, n: int, per_batch: int = 3) -> int:
-    addrs = [f"u{i}@d{i % 2}.example" for i in range(n)]
-    with db.session() as s:
-        members.add(s, lists.get(s, address), addrs)
-    post_id = _accepted_post(db, address)
-    with db.session() as s:
-        post = queue.lock_accepted_post(s, post_id)
-        assert post is not None
-        rcpts = queue.recipients(s, post.list_id)
-        queue.enqueue(
-            s,
-            post,
-            prepared=b"msg",
-            envelope_from="b@x.org",
-            addresses=rcpts,
-            max_per_batch=per_batch,
-        )
-    return post_id
-
-
-def test_snapshot_groups_by_domain_with_a_size_limit(db: Database) -> None:
-    address = make_list(db)
-    post_id = _queue(db, address, 10, per_batch=3)
-    with db.reading() as s:
-        batches = s.execute(
-            sa.select(DeliveryBatch.domain, sa.func.count(Delivery.id))
-            .join(Delivery, Delivery.batch_id == DeliveryBatch.id)
-            .group_by(DeliveryBatch.id, DeliveryBatch.domain)
-            .order_by(DeliveryBatch.id)
-        ).all()
-        post = s.get(Post, post_id)
-    assert [tuple(b) for b in batches] == [
-        ("d0.example", 3),
-        ("d0.example", 2),
-        ("d1.example", 3),
-        ("d1.example", 2),
-    ]
-    assert post is not None and post.state is PostState.SENDING and post.recipient_count == 10
-    with db.session() as s:
-        assert queue.lock_accepted_post(s, post_id) is None  # queued once only
-
-
-def test_concurrent_claims_never_share_a_batch(db: Database) -> None:
-    address = make_list(db)
-    _queue(db, address, 60, per_batch=2)  # 30 batches
-    claimed: list[int] = []
-    lock = threading.Lock()
-
-    def claimer(n: int) -> None:
-        while True:
-            with db.session() as s:
-                batch = queue.claim_batch(s, worker=f"w{n}", lease=timedelta(minutes=5))
-            if batch is None:
-                return
-            with lock:
-                claimed.append(batch.id)
-
-    threads = [threading.Thread(target=claimer, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(claimed) == 30
-    assert len(set(claimed)) == 30
-
-
-def test_expired_lease_is_claimable_again_and_live_one_is_not(db: Database) -> None:
-    address = make_list(db)
-    _queue(db, address, 1)
-    with db.session() as s:
-        first = queue.claim_batch(s, worker="a", lease=timedelta(seconds=-1))
-    assert first is not None and first.attempts == 1
-    with db.session() as s:
-        again = queue.claim_batch(s, worker="b", lease=timedelta(minutes=5))
-    assert again is not None and again.id == first.id and again.attempts == 2
-    with db.session() as s:
-        assert queue.claim_batch(s, worker="c", lease=timedelta(minutes=5)) is None
-
-
-def test_dead_local_worker_leases_are_released(db: Database) -> None:
-    address = make_list(db)
-    _queue(db, address, 1)
-    dead = queue.worker_id(0).rsplit(":", 2)[0] + ":999999999:0"  # no such pid
-    with db.session() as s:
-        assert queue.claim_batch(s, worker=dead, lease=timedelta(hours=1)) is not None
-    with db.session() as s:
-        assert queue.release_dead_local_leases(s) == 1
-    with db.session() as s:
-        assert queue.claim_batch(s, worker="x", lease=timedelta(minutes=1)) is not None
-
-
-def test_results_retry_and_finish(db: Database) -> None:
-    address = make_list(db)
-    post_id = _queue(db, address, 3, per_batch=10)  # d0: u0,u2 ; d1: u1
-    done_states = []
-    for _ in range(2):
-        with db.session() as s:
-            batch = queue.claim_batch(s, worker="w", lease=timedelta(minutes=1))
-        assert batch is not None
-        results = []
-        for rid, addr in batch.recipients:
-            if addr == "u2@d0.example":
-                results.append(RecipientResult(rid, RecipientState.DEFERRED, 451, "later"))
-            else:
-                results.append(RecipientResult(rid, RecipientState.DELIVERED, 250, "ok"))
-        with db.session() as s:
-            done_states.append(queue.complete_batch(s, batch, results, POLICY))
-    assert sorted(done_states) == [BatchState.DONE, BatchState.PENDING]
-    with db.reading() as s:
-        status = {p.post_id: p for p in queue.status(s)}[post_id]
-        assert status.counts == {"delivered": 2, "deferred": 1}
-        assert status.next_attempt_at is not None
-        assert s.get(Post, post_id).state is PostState.SENDING  # type: ignore[union-attr]
-    # not due yet
-    with db.session() as s:
-        assert queue.claim_batch(s, worker="w", lease=timedelta(minutes=1)) is None
-    # too old: the retry gives up and the post is finished
-    with db.session() as s:
-        old = queue.utcnow() - timedelta(hours=2)
-        s.execute(sa.update(DeliveryBatch).values(created_at=old, next_attempt_at=old))
-    with db.session() as s:
-        batch = queue.claim_batch(s, worker="w", lease=timedelta(minutes=1))
-        assert batch is not None and [a for _, a in batch.recipients] == ["u2@d0.example"]
-    with db.session() as s:
-        rid = batch.recipients[0][0]
-        state = queue.complete_batch(
-            s, batch, [RecipientResult(rid, RecipientState.DEFERRED, 451, "still later")], POLICY
-        )
-    assert state is BatchState.DONE
-    with db.reading() as s:
-        post = s.get(Post, post_id)
-        failed = s.scalar(sa.select(Delivery).where(Delivery.address == "u2@d0.example"))
-    assert post is not None and post.state is PostState.SENT and post.finished_at is not None
-    assert failed is not None and failed.state is RecipientState.FAILED
-    assert failed.detail.startswith("gave up after 2 attempts")
-
-
-def test_bulk_claim_and_record_finish_the_post(db: Database) -> None:
-    address = make_list(db)
-    post_id = _queue(db, address, 9, per_batch=2)  # d0: 5 -> 3 batches, d1: 4 -> 2 batches
-    with db.session() as s:
-        first = queue.claim_batches(s, worker="w", lease=timedelta(minutes=1), limit=3)
-        rest = queue.claim_batches(s, worker="w", lease=timedelta(minutes=1), limit=10)
-    assert len(first) == 3 and len(rest) == 2
-    assert {b.id for b in first}.isdisjoint(b.id for b in rest)
-    assert sum(len(b.recipients) for b in first + rest) == 9
-    finished = [
-        (b, [RecipientResult(rid, RecipientState.DELIVERED, 250, "ok") for rid, _ in b.recipients])
-        for b in first + rest
-    ]
-    with db.session() as s:
-        assert queue.complete_batches(s, finished, POLICY) == [BatchState.DONE] * 5
-    with db.reading() as s:
-        post = s.get(Post, post_id)
-        assert post is not None and post.state is PostState.SENT
-        assert set(s.scalars(sa.select(Delivery.state))) == {RecipientState.DELIVERED}
-
-
-def test_renewed_lease_is_not_claimable_by_others(db: Database) -> None:
-    address = make_list(db)
-    _queue(db, address, 1)
-    with db.session() as s:
-        batch = queue.claim_batch(s, worker="a", lease=timedelta(seconds=-1))
-    assert batch is not None
-    with db.session() as s:
-        assert queue.renew_leases(s, [batch.id], worker="a", lease=timedelta(minutes=5)) == 1
-        assert queue.renew_leases(s, [batch.id], worker="b", lease=timedelta(minutes=5)) == 0
-    with db.session() as s:
-        assert queue.claim_batch(s, worker="b", lease=timedelta(minutes=5)) is None
+        assert len(posts.recipients(s, lists.get(s, address).id)) == 20000

@@ -7,7 +7,7 @@ from datetime import datetime
 import click
 
 from listserv.cli.app import FORMATS, App, echo_json, echo_table, pass_app
-from listserv.distribute import queue as store
+from listserv.distribute import status as store
 
 SUBJECT_WIDTH = 40
 COUNTS = ("waiting", "in_flight", "deferred", "delivered", "failed")
@@ -27,8 +27,10 @@ def queue() -> None:
 def status(app: App, everything: bool, fmt: str) -> None:
     """One line per post not yet done: recipients waiting, in flight, deferred, delivered, failed.
 
-    Held and failed posts are listed too; --all adds the ones already sent. The
-    last line counts stored mail (commands, bounces) waiting for its processor.
+    Held and failed posts are listed too, each with its reason on a line of its
+    own; --all adds the ones already sent. The last line counts stored mail
+    (commands, bounces) waiting for its processor. The POST column is the number
+    in the daemon's "250 2.0.0 Queued as N" reply and in its log lines.
     """
     with app.db.reading() as session:
         posts = store.status(session, include_finished=everything)
@@ -44,6 +46,7 @@ def status(app: App, everything: bool, fmt: str) -> None:
                         **{key: p.counts.get(key, 0) for key in COUNTS},
                         "next_attempt": _iso(p.next_attempt_at),
                         "subject": p.subject,
+                        "reason": p.reason,
                         "created_at": _iso(p.created_at),
                     }
                     for p in posts
@@ -70,6 +73,9 @@ def status(app: App, everything: bool, fmt: str) -> None:
             ],
             header=HEADER,
         )
+    for p in posts:
+        if p.reason and p.state.value in ("failed", "held"):
+            click.echo(f"post {p.post_id} {p.state.value}: {' '.join(p.reason.split())}")
     if inbound:
         kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(inbound.items()))
         click.echo(f"stored mail waiting for later processing: {kinds}")

@@ -8,15 +8,17 @@ decorated but unsigned, and `personalize` renders and signs it per recipient.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from listserv import addresses, mail
 from listserv.addresses import Kind
 from listserv.config import Settings
 from listserv.db import Database
-from listserv.distribute import decorate, dkim, queue
+from listserv.distribute import decorate, dkim, posts
 from listserv.models import Audience, DeliveryMode, InboundMessage, MailingList, Post
 
 log = logging.getLogger("listserv.prepare")
@@ -48,6 +50,19 @@ class ListView:
 
     def address(self, kind: Kind = Kind.POST) -> str:
         return addresses.build(self.name, self.domain, kind)
+
+    def snapshot(self) -> dict[str, Any]:
+        """As stored on a queued post (posts.render), so its batches render as queued."""
+        values = dataclasses.asdict(self)
+        values["delivery_mode"] = self.delivery_mode.value
+        return values
+
+    @classmethod
+    def from_snapshot(cls, values: dict[str, Any]) -> ListView:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kept = {k: v for k, v in values.items() if k in fields}
+        kept["delivery_mode"] = DeliveryMode(kept["delivery_mode"])
+        return cls(**kept)
 
 
 def list_headers(view: ListView) -> decorate.ListHeaders:
@@ -131,8 +146,9 @@ def signer_for(keys_dir: Path, domain: str) -> dkim.Signer | None:
 def queue_post(db: Database, settings: Settings, post_id: int) -> int | None:
     """Prepare one accepted post and snapshot its recipients; returns the batch count.
 
-    None when another worker queued it first. A post that cannot be prepared
-    is marked failed with the reason: kept for the operator, never dropped.
+    None when another worker queued it first, or when it failed. A post that
+    cannot be prepared is marked failed with the reason, shown by `queue status`
+    and logged in one line: kept for the operator, never dropped.
     """
     with db.reading() as session:
         post = session.get(Post, post_id)
@@ -140,7 +156,8 @@ def queue_post(db: Database, settings: Settings, post_id: int) -> int | None:
             return None
         mlist = session.get(MailingList, post.list_id)
         inbound = session.get(InboundMessage, post.inbound_id)
-        assert mlist is not None and inbound is not None
+        if mlist is None or inbound is None:
+            return None  # deleted meanwhile, with its list
         view = ListView.of(mlist)
         raw = inbound.raw
         audience = post.audience
@@ -150,30 +167,36 @@ def queue_post(db: Database, settings: Settings, post_id: int) -> int | None:
         else:
             prepared = render(raw, view, signer_for(settings.keys_dir, view.domain))
     except Exception as exc:
-        log.exception("post %d: could not be prepared", post_id)
+        reason = f"could not be prepared: {' '.join(str(exc).split()) or type(exc).__name__}"
+        log.error("post %d to %s: failed, %s", post_id, view.address(), reason)
+        log.debug("post %d: preparation traceback", post_id, exc_info=True)
         with db.session() as session:
-            queue.fail_post(session, post_id, f"could not be prepared: {exc}")
+            posts.fail_post(session, post_id, reason)
         return None
+    mode = DeliveryMode.SHARED if audience is Audience.OWNERS else view.delivery_mode
     with db.session() as session:
-        locked = queue.lock_accepted_post(session, post_id)
+        locked = posts.lock_accepted_post(session, post_id)
         if locked is None:
             return None
-        rcpts = queue.recipients(session, locked.list_id, audience)
-        batches = queue.enqueue(
+        rcpts = posts.recipients(session, locked.list_id, audience)
+        batches = posts.enqueue(
             session,
             locked,
             prepared=prepared,
             envelope_from=view.address(Kind.BOUNCES),
+            delivery_mode=mode,
+            render=view.snapshot(),
             addresses=rcpts,
             max_per_batch=settings.delivery.max_recipients_per_message,
         )
     if audience is Audience.OWNERS and not rcpts:
         log.warning("post %d: %s has no owners to forward to (kept)", post_id, view.address())
     log.info(
-        "post %d to %s: queued %d recipients in %d batches",
+        "post %d to %s: queued %d recipients in %d batches (%s)",
         post_id,
         view.address(),
         len(rcpts),
         batches,
+        mode.value,
     )
     return batches

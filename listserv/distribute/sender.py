@@ -11,15 +11,24 @@ from __future__ import annotations
 import logging
 import ssl
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import aiosmtplib
 from aiosmtplib import SMTPResponse
 
 from listserv.config import DeliverySettings
-from listserv.distribute.queue import RecipientResult
+from listserv.distribute.results import RecipientResult
 from listserv.models import RecipientState
 
 log = logging.getLogger("listserv.sender")
+
+
+@dataclass
+class Phase:
+    """Where a transaction is, for a graceful stop: once DATA is under way the
+    message may be delivered, so the stop waits for the reply instead of cancelling."""
+
+    in_data: bool = False
 
 
 class Connection:
@@ -88,6 +97,7 @@ async def send(
     envelope_from: str,
     recipients: Sequence[tuple[int, str]],
     message: bytes,
+    phase: Phase | None = None,
 ) -> list[RecipientResult]:
     """One SMTP transaction: MAIL, a RCPT per recipient, DATA. Never raises for SMTP trouble."""
     try:
@@ -96,7 +106,7 @@ async def send(
         conn.drop()
         return _all(recipients, RecipientState.DEFERRED, None, f"connection failed: {exc}")
     try:
-        return await _transaction(smtp, envelope_from, recipients, message)
+        return await _transaction(smtp, envelope_from, recipients, message, phase or Phase())
     except aiosmtplib.SMTPServerDisconnected as exc:
         conn.drop()
         return _all(recipients, RecipientState.DEFERRED, None, f"connection lost: {exc}")
@@ -110,6 +120,7 @@ async def _transaction(
     envelope_from: str,
     recipients: Sequence[tuple[int, str]],
     message: bytes,
+    phase: Phase,
 ) -> list[RecipientResult]:
     options = []
     if not message.isascii() and smtp.supports_extension("8BITMIME"):
@@ -135,7 +146,7 @@ async def _transaction(
         # Our addresses are normalized already: skip aiosmtplib's per-address
         # parse-and-quote, a sixth of the CPU of a large fan-out.
         response = await smtp.execute_command(b"RCPT", b"TO:<" + address.encode(encoding) + b">")
-        if response.code in (250, 251):
+        if 200 <= response.code < 300:  # 250, 251 and 252 alike (RFC 5321 3.4, 3.5.3)
             accepted.append((rid, response))
         else:
             outcome = _outcome(response.code, at_rcpt=True)
@@ -143,11 +154,14 @@ async def _transaction(
     if not accepted:
         await _reset(smtp)
         return results
+    phase.in_data = True
     try:
         response = await smtp.data(message)
         code, text = response.code, response.message
     except aiosmtplib.SMTPResponseException as exc:
         code, text = exc.code, exc.message
+    finally:
+        phase.in_data = False
     outcome = _outcome(code)
     if outcome is not RecipientState.DELIVERED:
         await _reset(smtp)

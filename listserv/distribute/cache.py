@@ -1,0 +1,71 @@
+"""The prepared form of the posts being sent, loaded once per post, not per batch.
+
+Keyed by the post's id *and* the time it was queued, a pair no other post can
+ever have: a cache keyed by the id alone once sent a deleted list's post to
+another list's members when SQLite handed the id out again (foundation review).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from listserv.db import Database
+from listserv.distribute import dkim, posts, prepare
+from listserv.distribute.batches import ClaimedBatch
+from listserv.models import DeliveryMode, MailingList
+
+SIZE = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """Bytes to send as they are (shared), or a template with what personalizing it
+    takes: the list as it was when queued, and the signer."""
+
+    message: bytes
+    view: prepare.ListView | None = None
+    signer: dkim.Signer | None = None
+
+
+class PreparedCache:
+    """Used from the event loop only; loading runs in a thread."""
+
+    def __init__(self, db: Database, keys_dir: Path, size: int = SIZE) -> None:
+        self.db = db
+        self.keys_dir = keys_dir
+        self.size = size
+        self._items: OrderedDict[tuple[int, datetime | None], Prepared | None] = OrderedDict()
+
+    async def get(self, batch: ClaimedBatch) -> Prepared | None:
+        """The post of `batch` ready to send, or None when it no longer exists."""
+        key = batch.post_key
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        ready = await asyncio.to_thread(self._load, batch.post_id)
+        self._items[key] = ready
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+        return ready
+
+    def _load(self, post_id: int) -> Prepared | None:
+        with self.db.reading() as session:
+            queued = posts.queued_post(session, post_id)
+            if queued is None:
+                return None
+            if queued.delivery_mode is DeliveryMode.SHARED:
+                return Prepared(queued.prepared)
+            if queued.render is not None:
+                view = prepare.ListView.from_snapshot(queued.render)
+            else:  # queued before posts kept their rendering values (schema 0001)
+                mlist = session.get(MailingList, queued.list_id)
+                if mlist is None:
+                    return None
+                view = prepare.ListView.of(mlist)
+        view = dataclasses.replace(view, delivery_mode=DeliveryMode.PERSONALIZED)
+        return Prepared(queued.prepared, view, prepare.signer_for(self.keys_dir, view.domain))

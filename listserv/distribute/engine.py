@@ -1,0 +1,165 @@
+"""The delivery engine: one dispatcher and `max_connections` senders, each sender
+one SMTP connection to the smarthost.
+
+Stopping (SIGTERM): the dispatcher hands back the batches nobody started; a
+sender finishes the SMTP transaction in hand (a personalized batch stops between
+two messages and hands the rest back); after `[delivery] timeout` seconds the
+senders still short of DATA are cancelled and their batches handed back
+untouched, while a sender whose DATA is under way is waited for until its reply
+comes or its own SMTP timeout fires: once DATA went out, the message may have been
+delivered, so its outcome is recorded, never guessed. The dispatcher records
+everything before the engine returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from listserv.config import Settings
+from listserv.db import Database
+from listserv.distribute import prepare, sender
+from listserv.distribute.batches import End
+from listserv.distribute.cache import PreparedCache
+from listserv.distribute.dispatcher import Dispatcher, InFlight
+from listserv.distribute.liveness import Liveness
+from listserv.distribute.results import RecipientResult
+from listserv.models import RecipientState
+
+log = logging.getLogger("listserv.engine")
+
+#: personalized messages rendered and signed per thread hop
+RENDER_CHUNK = 16
+
+
+class DeliveryEngine:
+    def __init__(
+        self,
+        db: Database,
+        settings: Settings,
+        *,
+        worker: str,
+        liveness: Liveness,
+        stop: asyncio.Event,
+    ) -> None:
+        self.settings = settings
+        self.stop = stop
+        self.dispatcher = Dispatcher(
+            db, settings.delivery, worker=worker, liveness=liveness, stop=stop
+        )
+        self.cache = PreparedCache(db, settings.keys_dir)
+        self._phases: dict[int, sender.Phase] = {}
+
+    def wake(self) -> None:
+        """New batches may be due (a post was queued)."""
+        self.dispatcher.wake.set()
+
+    async def run(self) -> None:
+        """Deliver until `stop` is set, then stop as the module docstring says."""
+        n = self.settings.delivery.max_connections
+        dispatcher = asyncio.create_task(self.dispatcher.run(), name="dispatcher")
+        senders = [asyncio.create_task(self._sender(i), name=f"sender-{i}") for i in range(n)]
+        stopping = asyncio.create_task(self.stop.wait())
+        everything = {dispatcher, *senders}
+        try:
+            done, _ = await asyncio.wait(
+                {stopping, *everything}, return_when=asyncio.FIRST_COMPLETED
+            )
+            for task in done & everything:
+                task.result()  # a task that ended before the stop: raise its error
+            self.dispatcher.wake.set()
+            await self._drain(senders)
+            await asyncio.wait_for(dispatcher, self.settings.delivery.timeout + 30)
+        finally:
+            stopping.cancel()
+            for task in everything:
+                task.cancel()
+            await asyncio.gather(*everything, return_exceptions=True)
+
+    async def _drain(self, senders: list[asyncio.Task[None]]) -> None:
+        timeout = self.settings.delivery.timeout
+        _, pending = await asyncio.wait(senders, timeout=timeout + 5)
+        if not pending:
+            return
+        for index, task in enumerate(senders):
+            if task in pending and not self._phases[index].in_data:
+                task.cancel()
+        log.warning(
+            "stopping: %d connections still busy after %.0f s; waiting only for those"
+            " whose DATA is under way",
+            len(pending),
+            timeout + 5,
+        )
+        _, pending = await asyncio.wait(pending, timeout=timeout + 5)
+        for task in pending:  # an SMTP timeout that did not fire: give up on it
+            task.cancel()
+
+    async def _sender(self, index: int) -> None:
+        conn = sender.Connection(self.settings.delivery, self.settings.server.hostname)
+        phase = self._phases[index] = sender.Phase()
+        dispatcher = self.dispatcher
+        try:
+            while (item := await dispatcher.outbox.get()) is not None:
+                if self.stop.is_set():
+                    dispatcher.finish(item, End.HANDED_BACK)
+                    continue
+                try:
+                    end = await self._deliver(conn, item, phase)
+                except asyncio.CancelledError:
+                    conn.drop()
+                    dispatcher.finish(item, End.HANDED_BACK)
+                    raise
+                except Exception as exc:
+                    log.exception(
+                        "post %d batch %d: internal error", item.batch.post_id, item.batch.id
+                    )
+                    answered = {r.delivery_id for r in item.results}
+                    item.results.extend(
+                        RecipientResult(
+                            rid, RecipientState.DEFERRED, None, f"internal error: {exc}"
+                        )
+                        for rid, _ in item.batch.recipients
+                        if rid not in answered
+                    )
+                    end = End.DONE
+                dispatcher.finish(item, end)
+        finally:
+            if self.stop.is_set() and phase.in_data:
+                conn.drop()
+            else:
+                await conn.close()
+
+    async def _deliver(self, conn: sender.Connection, item: InFlight, phase: sender.Phase) -> End:
+        batch = item.batch
+        ready = await self.cache.get(batch)
+        if ready is None:
+            log.warning(
+                "post %d batch %d: the post no longer exists (its list was deleted); nothing sent",
+                batch.post_id,
+                batch.id,
+            )
+            item.lost = True
+            return End.DONE
+        if not batch.recipients:
+            return End.DONE
+        if not self.dispatcher.holds(item):
+            return End.HANDED_BACK
+        if ready.view is None:  # shared: one signed message for the whole batch
+            item.results.extend(
+                await sender.send(conn, batch.envelope_from, batch.recipients, ready.message, phase)
+            )
+            return End.DONE
+        # personalized: one message per recipient, each result recorded as it comes
+        for start in range(0, len(batch.recipients), RENDER_CHUNK):
+            chunk = batch.recipients[start : start + RENDER_CHUNK]
+            rendered = await asyncio.to_thread(
+                prepare.personalize, ready.message, ready.view, [a for _, a in chunk], ready.signer
+            )
+            for recipient, data in zip(chunk, rendered, strict=True):
+                if self.stop.is_set() or not self.dispatcher.holds(item):
+                    return End.HANDED_BACK
+                item.results.extend(
+                    await sender.send(conn, batch.envelope_from, [recipient], data, phase)
+                )
+                self.dispatcher.progress(item)
+        return End.DONE

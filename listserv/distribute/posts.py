@@ -1,0 +1,173 @@
+"""Storage verbs for posts on their way out: find the accepted ones, snapshot the
+recipients into batches, record what rendering needs, fail what cannot be sent.
+
+What a post was queued with (delivery mode, the list values its decoration uses,
+the prepared bytes) is stored on the post, so a list setting changed while its
+batches wait changes nothing they send.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from listserv.db import db_now
+from listserv.models import (
+    Audience,
+    BatchState,
+    DeliveryBatch,
+    DeliveryMode,
+    DeliveryStatus,
+    MailingList,
+    Member,
+    Post,
+    PostState,
+    RecipientState,
+    Role,
+)
+
+CHUNK = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedPost:
+    """A post as its senders need it: what was stored when it was queued."""
+
+    id: int
+    list_id: int
+    queued_at: datetime | None
+    prepared: bytes
+    delivery_mode: DeliveryMode
+    render: dict[str, Any] | None
+
+
+def accepted_posts(session: Session, limit: int = 20) -> list[int]:
+    stmt = sa.select(Post.id).where(Post.state == PostState.ACCEPTED).order_by(Post.id).limit(limit)
+    return list(session.scalars(stmt))
+
+
+def lock_accepted_post(session: Session, post_id: int) -> Post | None:
+    """The post, locked for queueing, if it still waits for it (another worker may have won)."""
+    stmt = sa.select(Post).where(Post.id == post_id, Post.state == PostState.ACCEPTED)
+    if session.get_bind().dialect.name == "postgresql":
+        stmt = stmt.with_for_update(skip_locked=True)
+    return session.scalar(stmt)
+
+
+def recipients(session: Session, list_id: int, audience: Audience = Audience.MEMBERS) -> list[str]:
+    """Who a post goes to now, in one query: the members with delivery enabled,
+    or, for mail to NAME-owner@, every owner."""
+    stmt = sa.select(Member.address).where(Member.list_id == list_id)
+    if audience is Audience.OWNERS:
+        stmt = stmt.where(Member.role == Role.OWNER)
+    else:
+        stmt = stmt.where(
+            Member.role == Role.MEMBER, Member.delivery_status == DeliveryStatus.ENABLED
+        )
+    stmt = stmt.execution_options(yield_per=CHUNK)
+    seen: set[str] = set()
+    result: list[str] = []
+    for address in session.scalars(stmt):
+        key = address.lower()
+        if key not in seen:
+            seen.add(key)
+            result.append(address)
+    return result
+
+
+_INSERT_DELIVERY = sa.text(
+    "INSERT INTO deliveries (batch_id, post_id, address, state, detail) VALUES (:b, :p, :a, :s, '')"
+)
+
+
+def enqueue(
+    session: Session,
+    post: Post,
+    *,
+    prepared: bytes,
+    envelope_from: str,
+    delivery_mode: DeliveryMode,
+    render: dict[str, Any] | None,
+    addresses: Sequence[str],
+    max_per_batch: int,
+) -> int:
+    """Snapshot the recipients into batches by domain; returns the number of batches."""
+    by_domain: dict[str, list[str]] = defaultdict(list)
+    for address in addresses:
+        by_domain[address.rpartition("@")[2].lower()].append(address)
+    now = db_now(session)
+    post.prepared = prepared
+    post.envelope_from = envelope_from
+    post.delivery_mode = delivery_mode
+    post.render = render
+    post.queued_at = now
+    post.recipient_count = len(addresses)
+    if not addresses:
+        post.state = PostState.SENT
+        post.finished_at = now
+        return 0
+    post.state = PostState.SENDING
+    plan: list[tuple[str, list[str]]] = []
+    for domain in sorted(by_domain):
+        group = by_domain[domain]
+        for start in range(0, len(group), max_per_batch):
+            plan.append((domain, group[start : start + max_per_batch]))
+    batch_ids: list[int] = []
+    for start in range(0, len(plan), CHUNK):
+        rows = [
+            {"post_id": post.id, "domain": d, "state": BatchState.PENDING, "next_attempt_at": now}
+            for d, _ in plan[start : start + CHUNK]
+        ]
+        ids = session.scalars(
+            sa.insert(DeliveryBatch).returning(DeliveryBatch.id, sort_by_parameter_order=True),
+            rows,
+        )
+        batch_ids.extend(ids)
+    pending = RecipientState.PENDING.value
+    deliveries = [
+        {"b": batch_id, "p": post.id, "a": a, "s": pending}
+        for batch_id, (_, group) in zip(batch_ids, plan, strict=True)
+        for a in group
+    ]
+    # A plain executemany: per-row ORM and type processing would cost more than the insert.
+    conn = session.connection()
+    for start in range(0, len(deliveries), CHUNK * 5):
+        conn.execute(_INSERT_DELIVERY, deliveries[start : start + CHUNK * 5])
+    return len(plan)
+
+
+def fail_post(session: Session, post_id: int, reason: str) -> None:
+    session.execute(
+        sa.update(Post)
+        .where(Post.id == post_id, Post.state == PostState.ACCEPTED)
+        .values(state=PostState.FAILED, reason=reason[:2000], finished_at=db_now(session))
+    )
+
+
+def queued_post(session: Session, post_id: int) -> QueuedPost | None:
+    """The stored form of a queued post, or None when it is gone (its list was deleted)."""
+    row = session.execute(
+        sa.select(
+            Post.id,
+            Post.list_id,
+            Post.queued_at,
+            Post.prepared,
+            Post.audience,
+            sa.func.coalesce(Post.delivery_mode, MailingList.delivery_mode),
+            Post.render,
+        )
+        .join(MailingList, MailingList.id == Post.list_id)
+        .where(Post.id == post_id)
+    ).one_or_none()
+    if row is None or row.prepared is None:
+        return None
+    mode = DeliveryMode(row[5])
+    if row.audience is Audience.OWNERS:
+        mode = DeliveryMode.SHARED  # forwards to the owners are never personalized
+    return QueuedPost(row.id, row.list_id, row.queued_at, row.prepared, mode, row.render)
