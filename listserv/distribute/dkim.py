@@ -365,9 +365,13 @@ class Signer:
         h= lists each SIGNED_HEADERS field once per occurrence in the message,
         and each OVERSIGNED_HEADERS field once more (RFC 6376 §8.15).
         """
-        include = _headers_to_sign(message)
-        if b"from" not in include:
+        present = _signed_fields(message)
+        if b"from" not in present:
             raise InvalidInput("cannot DKIM-sign a message without a From header")
+        # One null entry per OVERSIGNED name: dkimpy (select_headers) and other
+        # verifiers match h= names to fields from the bottom up and hash nothing
+        # for an entry left without a field, so a field added later fills it.
+        include = present + list(_OVERSIGNED)
         try:
             signature: bytes = dkim.sign(
                 message,
@@ -383,13 +387,8 @@ class Signer:
         return signature + message
 
 
-def _headers_to_sign(message: bytes) -> list[bytes]:
-    """The h= names: SIGNED_HEADERS fields in `message` in order, then one null per OVERSIGNED.
-
-    dkimpy (select_headers) and other verifiers match h= entries to fields from
-    the bottom up and hash nothing for an entry left without a field, so the
-    extra entry is a "null header" that a field added later would fill.
-    """
+def _signed_fields(message: bytes) -> list[bytes]:
+    """The lower-cased names of the SIGNED_HEADERS fields in `message`, in order, repeats kept."""
     if message[:1] in (b" ", b"\t"):
         raise InvalidInput("cannot DKIM-sign a message that starts with a continuation line")
     end = _BLANK_LINE.search(message)  # split only the header section, not a large body
@@ -400,7 +399,7 @@ def _headers_to_sign(message: bytes) -> list[bytes]:
         m = _HEADER_NAME.match(line)
         if m is not None and m.group(1).decode("ascii").lower() in _SIGNED:
             names.append(m.group(1).lower())
-    return names + list(_OVERSIGNED)
+    return names
 
 
 def _quoted_strings(value: str) -> str:
