@@ -212,7 +212,11 @@ def activate_key(keys_dir: Path, domain: str, selector: str) -> SigningKey:
     domain_dir = keys_dir / domain
     wanted = f"{selector}.pem".lower()
     try:
-        found = [p for p in domain_dir.iterdir() if p.name.lower() == wanted]
+        found = [
+            p
+            for p in domain_dir.iterdir()
+            if p.name.lower() == wanted and _valid_selector(p.stem)  # not "\u212a.pem" for "k"
+        ]
     except (FileNotFoundError, NotADirectoryError):
         found = []
     except OSError as e:
