@@ -4,7 +4,10 @@
 The test suite verifies with dkimpy, which also signs; this script renders
 sample posts through listserv's real pipeline (decorate + sign), then asks
 Perl's Mail::DKIM (Debian: libmail-dkim-perl) to verify each one, serving our
-public key in place of DNS. It also checks that a tampered copy fails.
+public key in place of DNS, as the quoted strings of the zone-file line
+`listserv dkim keygen` prints. It also checks that tampered copies fail: a
+changed body, and an extra From, Subject or List-Unsubscribe added above or
+below the signed ones (oversigning: h= names each once more than it occurs).
 Offline; prints one line per message and exits non-zero on any mismatch.
 """
 
@@ -22,11 +25,12 @@ from listserv.models import DeliveryMode
 VERIFY_PL = r"""
 use strict; use warnings;
 use Mail::DKIM::Verifier; use Net::DNS;
-my $txt = shift @ARGV;
+my $record = shift @ARGV;
+my @strings = $record =~ /"([^"]*)"/g;
 no warnings 'redefine';
 *Mail::DKIM::DNS::query_async = sub {
   my ($host, $type, %args) = @_;
-  my $rr = Net::DNS::RR->new(name => $host, type => 'TXT', txtdata => [$txt =~ /(.{1,255})/g]);
+  my $rr = Net::DNS::RR->new(name => $host, type => 'TXT', txtdata => [@strings]);
   my $result = $args{Callbacks}{Success}->($rr);
   return sub { $result };
 };
@@ -81,13 +85,22 @@ def main() -> int:
         signed = prepare.render(raw, view, signer)
         good = work / f"{name}.eml"
         good.write_bytes(signed)
-        bad = work / f"{name}-tampered.eml"
-        bad.write_bytes(signed.replace(b"\r\n\r\n", b"\r\n\r\nX", 1))
-        files += [(name, good, "pass"), (f"{name} (tampered)", bad, "fail")]
+        files.append((name, good, "pass"))
+        head, sep, body = signed.partition(b"\r\n\r\n")
+        tampered = {
+            "body changed": head + sep + b"X" + body,
+            "From prepended": b"From: mallory@example.com\r\n" + signed,
+            "Subject appended": head + b"\r\nSubject: [staff] urgent" + sep + body,
+            "List-Unsubscribe prepended": b"List-Unsubscribe: <https://evil.example/>\r\n" + signed,
+        }
+        for i, (how, data) in enumerate(tampered.items()):
+            bad = work / f"{name}-tampered-{i}.eml"
+            bad.write_bytes(data)
+            files.append((f"{name} ({how})", bad, "fail"))
     script = work / "verify.pl"
     script.write_text(VERIFY_PL)
     out = subprocess.run(
-        ["perl", str(script), key.public_txt(), *(str(f) for _, f, _ in files)],
+        ["perl", str(script), key.dns_record(), *(str(f) for _, f, _ in files)],
         capture_output=True,
         text=True,
         check=True,

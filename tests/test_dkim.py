@@ -10,19 +10,26 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import dkim
+import dns.name
+import dns.rdatatype
+import dns.zone
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from listserv import mail
 from listserv.distribute.dkim import (
+    OVERSIGNED_HEADERS,
     SIGNED_HEADERS,
+    KeyInfo,
     Signer,
     SigningKey,
+    activate_key,
     active_key,
     generate_key,
+    list_keys,
 )
-from listserv.errors import ConfigError, InvalidInput
+from listserv.errors import ConfigError, InvalidInput, NotFound
 
 DOMAIN = "lists.example.org"
 
@@ -61,6 +68,24 @@ def _dnsfunc(key: SigningKey, asked: list[bytes] | None = None) -> DnsFunc:
         return key.public_txt().encode() if name == expected else None
 
     return dnsfunc
+
+
+def txt_from_zone_line(line: str) -> tuple[str, str]:
+    """The owner name and joined TXT value of one zone-file line, as a DNS server loads it.
+
+    A real zone supplies the default TTL the line leaves out; dnspython joins
+    nothing, so the character-strings are concatenated as RFC 6376 §3.6.2.2 says.
+    """
+    zone = dns.zone.from_text(
+        f"$TTL 3600\n{line}\n", origin=dns.name.root, relativize=False, check_origin=False
+    )
+    [(name, node)] = zone.nodes.items()
+    [rdataset] = node.rdatasets
+    assert rdataset.rdtype == dns.rdatatype.TXT
+    [rdata] = rdataset
+    strings: tuple[bytes, ...] = rdata.strings  # type: ignore[attr-defined]
+    assert all(len(s) <= 255 for s in strings)
+    return name.to_text(), b"".join(strings).decode("ascii")
 
 
 def _tag(signed: bytes, tag: str) -> str:
@@ -118,8 +143,9 @@ def test_dns_record_format(tmp_path: Path) -> None:
     pattern = (
         rf'^sel-1\._domainkey\.{re.escape(DOMAIN)}\. IN TXT "v=DKIM1; k=rsa; p=[A-Za-z0-9+/=]+"$'
     )
-    assert re.match(pattern, record), record
+    assert re.match(pattern, record), record  # 1024 bits: one string is enough
     assert record.endswith(f'"{key.public_txt()}"')
+    assert txt_from_zone_line(record) == (f"sel-1._domainkey.{DOMAIN}.", key.public_txt())
     # p= is the SubjectPublicKeyInfo of the private key on disk.
     der = base64.b64decode(key.public_txt().split("p=", 1)[1])
     public = serialization.load_der_public_key(der)
@@ -127,13 +153,114 @@ def test_dns_record_format(tmp_path: Path) -> None:
     assert public.public_numbers() == private.public_key().public_numbers()  # type: ignore[union-attr]
 
 
-def test_second_key_with_new_selector_becomes_active(tmp_path: Path) -> None:
+def test_second_key_waits_for_activation(tmp_path: Path) -> None:
     first = generate_key(tmp_path, DOMAIN, "2024a", bits=1024)
     second = generate_key(tmp_path, DOMAIN, "2024b", bits=1024)
 
-    assert active_key(tmp_path, DOMAIN) == second
-    assert (tmp_path / DOMAIN / "2024a.pem").read_bytes() == first.private_pem
+    assert active_key(tmp_path, DOMAIN) == first  # its record is not published yet
+    assert (tmp_path / DOMAIN / "2024b.pem").read_bytes() == second.private_pem
     assert first.public_txt() != second.public_txt()
+
+    assert activate_key(tmp_path, DOMAIN, "2024b") == second
+    assert active_key(tmp_path, DOMAIN) == second
+    assert (tmp_path / DOMAIN / "active").read_text() == "2024b\n"
+    assert activate_key(tmp_path, DOMAIN, "2024a") == first  # and back: nothing is deleted
+    assert active_key(tmp_path, DOMAIN) == first
+
+
+def test_generate_key_with_activate_takes_over(tmp_path: Path) -> None:
+    generate_key(tmp_path, DOMAIN, "2024a", bits=1024)
+    second = generate_key(tmp_path, DOMAIN, "2024b", bits=1024, activate=True)
+
+    assert active_key(tmp_path, DOMAIN) == second
+
+
+def test_first_key_is_active_even_with_activate_false(tmp_path: Path) -> None:
+    key = generate_key(tmp_path, DOMAIN, "2024a", bits=1024, activate=False)
+
+    assert active_key(tmp_path, DOMAIN) == key
+
+
+def test_activate_matches_the_selector_case_insensitively(tmp_path: Path) -> None:
+    generate_key(tmp_path, DOMAIN, "s1", bits=1024)
+    second = generate_key(tmp_path, DOMAIN, "Rot2", bits=1024)
+
+    assert activate_key(tmp_path, "Lists.Example.org", "rot2") == second
+    assert (tmp_path / DOMAIN / "active").read_text() == "Rot2\n"
+
+
+def test_activate_refuses_an_unknown_selector_and_keeps_the_active_key(tmp_path: Path) -> None:
+    first = generate_key(tmp_path, DOMAIN, "s1", bits=1024)
+
+    with pytest.raises(NotFound, match=re.escape("no DKIM key 's2' for lists.example.org")):
+        activate_key(tmp_path, DOMAIN, "s2")
+    with pytest.raises(NotFound):
+        activate_key(tmp_path, "other.example.org", "s1")
+    with pytest.raises(InvalidInput, match="selector"):
+        activate_key(tmp_path, DOMAIN, "../s1")
+    assert active_key(tmp_path, DOMAIN) == first
+
+
+def test_activate_refuses_an_unusable_key(tmp_path: Path) -> None:
+    first = generate_key(tmp_path, DOMAIN, "s1", bits=1024)
+    (tmp_path / DOMAIN / "bad.pem").write_bytes(b"not a key\n")
+
+    with pytest.raises(ConfigError, match=re.escape("bad.pem: not a usable DKIM key")):
+        activate_key(tmp_path, DOMAIN, "bad")
+    assert active_key(tmp_path, DOMAIN) == first
+
+
+def test_list_keys_shows_every_key_and_the_active_one(tmp_path: Path) -> None:
+    generate_key(tmp_path, DOMAIN, "s1", bits=1024)
+    generate_key(tmp_path, DOMAIN, "s2", bits=2048)
+    generate_key(tmp_path, "other.example.org", "x", bits=1024)
+    (tmp_path / "stray-file").write_text("not a domain\n")
+    (tmp_path / "not_a_domain").mkdir()
+
+    assert list_keys(tmp_path) == [
+        KeyInfo(DOMAIN, "s1", 1024, active=True),
+        KeyInfo(DOMAIN, "s2", 2048, active=False),
+        KeyInfo("other.example.org", "x", 1024, active=True),
+    ]
+    assert list_keys(tmp_path, "OTHER.example.org") == [
+        KeyInfo("other.example.org", "x", 1024, active=True)
+    ]
+    assert list_keys(tmp_path, "none.example.org") == []
+    assert list_keys(tmp_path / "missing") == []
+
+
+def test_list_keys_reports_broken_files_as_rows(tmp_path: Path) -> None:
+    generate_key(tmp_path, DOMAIN, "s1", bits=1024)
+    d = tmp_path / DOMAIN
+    _break_garbage_pem(d)
+    (d / "s2.pem").mkdir()  # unreadable
+    (d / "active").write_text("gone\n")
+
+    rows = list_keys(tmp_path, DOMAIN)
+
+    assert [(r.selector, r.bits, r.active) for r in rows] == [
+        ("s1", None, False),
+        ("s2", None, False),
+        ("gone", None, True),
+    ]
+    assert rows[0].problem == "not a usable key: not a PEM private key"
+    assert rows[1].problem is not None and rows[1].problem.startswith("cannot read:")
+    assert rows[2].problem == f"{d / 'active'} names 'gone' but gone.pem does not exist"
+
+
+def test_list_keys_reports_an_unreadable_active_file(tmp_path: Path) -> None:
+    generate_key(tmp_path, DOMAIN, "s1", bits=1024)
+    (tmp_path / DOMAIN / "active").unlink()
+    (tmp_path / DOMAIN / "active").mkdir()
+
+    rows = list_keys(tmp_path, DOMAIN)
+
+    assert [(r.selector, r.bits, r.active) for r in rows] == [
+        (None, None, False),
+        ("s1", 1024, False),
+    ]
+    assert rows[0].problem is not None and rows[0].problem.startswith("cannot read ")
+    assert rows[1].problem is None
 
 
 @pytest.mark.parametrize("again", ["2024a", "2024A"])
@@ -142,10 +269,11 @@ def test_reusing_a_selector_is_refused(tmp_path: Path, again: str) -> None:
     second = generate_key(tmp_path, DOMAIN, "2024b", bits=1024)
 
     with pytest.raises(InvalidInput, match="pick a new selector"):
-        generate_key(tmp_path, DOMAIN, again, bits=1024)
+        generate_key(tmp_path, DOMAIN, again, bits=1024, activate=True)
 
     assert (tmp_path / DOMAIN / "2024a.pem").read_bytes() == first.private_pem
-    assert active_key(tmp_path, DOMAIN) == second
+    assert (tmp_path / DOMAIN / "2024b.pem").read_bytes() == second.private_pem
+    assert active_key(tmp_path, DOMAIN) == first
     assert not [p for p in (tmp_path / DOMAIN).iterdir() if p.name.startswith(".")]
 
 
@@ -319,17 +447,28 @@ def test_signed_message_verifies(tmp_path: Path) -> None:
     assert (_tag(signed, "d"), _tag(signed, "s")) == (DOMAIN, "s1")
 
 
-def test_signature_covers_the_present_list_headers(tmp_path: Path) -> None:
+OVERSIGNED_NAMES = (
+    *("from", "subject", "date", "to", "cc", "reply-to", "message-id"),
+    *("list-id", "list-post", "list-help", "list-unsubscribe", "list-unsubscribe-post"),
+    *("list-owner", "mime-version", "content-type", "content-transfer-encoding"),
+)
+
+
+def test_h_lists_each_oversigned_name_once_more_than_it_occurs(tmp_path: Path) -> None:
     key = generate_key(tmp_path, DOMAIN, "s1", bits=1024)
 
     signed_names = _tag(Signer(key).sign(MESSAGE), "h").split(":")
 
-    for name in ("from", "subject", "list-id", "list-unsubscribe", "list-unsubscribe-post"):
-        assert name in signed_names
+    assert set(OVERSIGNED_HEADERS) == set(OVERSIGNED_NAMES)
+    headers = mail.parse(MESSAGE)
+    for name in OVERSIGNED_NAMES:
+        occurs = len(headers.get_all(name, []))
+        assert signed_names.count(name) == occurs + 1, name
+    assert signed_names.count("cc") == 1  # absent from MESSAGE: listed once, as a null header
+    assert signed_names.count("list-id") == 2
     assert set(signed_names) <= set(SIGNED_HEADERS)
     assert "received" not in signed_names and "x-mailer" not in signed_names
-    assert "cc" not in signed_names and "precedence" not in signed_names  # absent from MESSAGE
-    assert len(signed_names) == len(set(signed_names))
+    assert "precedence" not in signed_names  # signed when present, not oversigned
 
 
 def test_repeated_headers_are_all_signed(tmp_path: Path) -> None:
@@ -338,8 +477,57 @@ def test_repeated_headers_are_all_signed(tmp_path: Path) -> None:
 
     signed = Signer(key).sign(message)
 
-    assert _tag(signed, "h").split(":") == ["from", "to", "to"]
+    assert _tag(signed, "h").split(":")[:3] == ["from", "to", "to"]
+    assert _tag(signed, "h").split(":").count("to") == 3
     assert dkim.verify(signed, dnsfunc=_dnsfunc(key))
+    third = signed.replace(b"To: c@example.net\r\n", b"To: c@example.net\r\nTo: d@x.net\r\n")
+    assert not dkim.verify(third, dnsfunc=_dnsfunc(key))
+
+
+def _prepend(signed: bytes, field: bytes) -> bytes:
+    return field + signed
+
+
+def _append(signed: bytes, field: bytes) -> bytes:
+    head, sep, body = signed.partition(b"\r\n\r\n")
+    return head + b"\r\n" + field.rstrip(b"\r\n") + sep + body
+
+
+@pytest.mark.parametrize("where", [_prepend, _append], ids=["prepended", "appended"])
+@pytest.mark.parametrize(
+    "field",
+    [
+        b"From: Mallory <mallory@example.com>\r\n",
+        b"Subject: [discuss] Urgent: reset your password\r\n",
+        b"List-Unsubscribe: <https://evil.example.com/u>\r\n",
+        b"Cc: victim@example.com\r\n",  # absent from MESSAGE: its null entry is filled
+    ],
+    ids=["from", "subject", "list-unsubscribe", "cc"],
+)
+def test_an_added_copy_of_an_oversigned_header_breaks_the_signature(
+    tmp_path: Path, where: Callable[[bytes, bytes], bytes], field: bytes
+) -> None:
+    key = generate_key(tmp_path, DOMAIN, "s1", bits=1024)
+    signed = Signer(key).sign(MESSAGE)
+    assert dkim.verify(signed, dnsfunc=_dnsfunc(key))
+
+    tampered = where(signed, field)
+
+    assert tampered != signed and field.rstrip() in tampered
+    assert mail.parse(tampered).get_body() is not None
+    assert not dkim.verify(tampered, dnsfunc=_dnsfunc(key))
+
+
+def test_an_added_header_that_is_not_oversigned_keeps_the_signature(tmp_path: Path) -> None:
+    """Relays add Received and the like: only the protected names are frozen."""
+    key = generate_key(tmp_path, DOMAIN, "s1", bits=1024)
+    signed = Signer(key).sign(MESSAGE)
+
+    relayed = b"Received: from lists.example.org by mx.example.com\r\n" + _append(
+        signed, b"X-Spam-Score: 0.1\r\n"
+    )
+
+    assert dkim.verify(relayed, dnsfunc=_dnsfunc(key))
 
 
 @pytest.mark.parametrize(
@@ -432,6 +620,23 @@ def test_2048_bit_key(tmp_path: Path) -> None:
 
     private = serialization.load_pem_private_key(key.private_pem, password=None)
     assert isinstance(private, rsa.RSAPrivateKey) and private.key_size == 2048
-    assert len(key.public_txt()) > 255  # the record must be split by DNS tools; see dns_record()
+    assert len(key.public_txt()) > 255  # one TXT character-string cannot hold it
     signed = Signer(key).sign(MESSAGE)
     assert dkim.verify(signed, dnsfunc=_dnsfunc(key))
+
+
+def test_2048_bit_dns_record_is_split_and_loads_back_to_the_verifying_key(tmp_path: Path) -> None:
+    key = generate_key(tmp_path, DOMAIN, "big", bits=2048)
+
+    record = key.dns_record()
+    name, value = txt_from_zone_line(record)
+
+    assert "\n" not in record
+    assert re.fullmatch(r'\S+ IN TXT "[^"]{255}" "[^"]{1,255}"', record), record
+    assert name == f"big._domainkey.{DOMAIN}."
+    assert value == key.public_txt()
+
+    def dnsfunc(qname: bytes, timeout: int = 5) -> bytes | None:
+        return value.encode() if qname.decode() == name else None
+
+    assert dkim.verify(Signer(key).sign(MESSAGE), dnsfunc=dnsfunc)

@@ -1,16 +1,20 @@
 """DKIM keys on disk and signing of outgoing list mail.
 
 Layout: ``<keys_dir>/<domain>/<selector>.pem`` (PKCS#8 PEM, mode 0600, directories
-0700) and ``<keys_dir>/<domain>/active``, one line naming the selector in use.
+0700) and ``<keys_dir>/<domain>/active``, one line naming the selector in use. The
+signer reads ``active`` per post, so switching keys needs no restart.
 
 A new key always gets a new selector and an old selector is never reused: mail
 signed with the old key may still be in flight, so its public key has to stay
-published in DNS until that mail has been delivered.
+published in DNS until that mail has been delivered. For the same reason a new
+key does not sign anything until it is activated (its record must be published
+first); only a domain's first key is active at once.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import re
 import tempfile
@@ -22,7 +26,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from listserv.errors import ConfigError, InvalidInput
+from listserv.errors import ConfigError, InvalidInput, NotFound
 
 #: Headers we sign when present. List-Unsubscribe and List-Unsubscribe-Post must
 #: be covered for RFC 8058 one-click unsubscribe to be honoured.
@@ -50,6 +54,31 @@ SIGNED_HEADERS: tuple[str, ...] = (
     "precedence",
 )
 _SIGNED = frozenset(SIGNED_HEADERS)
+
+#: Headers signed once more than they occur (RFC 6376 §5.4.2, §8.15): the extra
+#: h= entry stands for an absent field, so a copy added in transit (a second From
+#: or List-Unsubscribe that a reader or one-click would trust) breaks the signature.
+OVERSIGNED_HEADERS: tuple[str, ...] = (
+    "from",
+    "to",
+    "cc",
+    "subject",
+    "date",
+    "message-id",
+    "reply-to",
+    "mime-version",
+    "content-type",
+    "content-transfer-encoding",
+    "list-id",
+    "list-post",
+    "list-help",
+    "list-unsubscribe",
+    "list-unsubscribe-post",
+    "list-owner",
+)
+_OVERSIGNED = tuple(name.encode("ascii") for name in OVERSIGNED_HEADERS)
+#: A TXT character-string holds at most 255 octets (RFC 1035 §3.3.14).
+_TXT_STRING_MAX = 255
 
 KEY_SIZES: tuple[int, ...] = (1024, 2048, 3072, 4096)
 #: Verifiers must reject RSA keys below 1024 bits (RFC 8301).
@@ -86,24 +115,45 @@ class SigningKey:
         """Where the private key lives under keys_dir."""
         return keys_dir / self.domain / f"{self.selector}.pem"
 
+    def dns_name(self) -> str:
+        """The DNS name the public key is published at (RFC 6376 §3.6.2.1)."""
+        return f"{self.selector}._domainkey.{self.domain}"
+
     def dns_record(self) -> str:
-        """The record to publish, as one zone-file line.
+        """The record to publish, as one zone-file line DNS servers accept.
 
-        The value is emitted as a single quoted string even though a DNS TXT
-        character-string holds at most 255 bytes and a 2048-bit key's value is
-        about 410: zone-file tools and DNS provider consoles split it into several
-        quoted strings ("..." "..."), which verifiers join back together. Paste it
-        into a zone file as ``"first 255 bytes" "rest"`` if your tool does not.
+        A TXT character-string holds at most 255 bytes and a 2048-bit key's value
+        is about 410, so the value is split into several quoted strings
+        (``"v=DKIM1; k=rsa; p=MIIB..." "...rest"``), which verifiers join back
+        together without separators (RFC 6376 §3.6.2.2).
         """
-        return f'{self.selector}._domainkey.{self.domain}. IN TXT "{self.public_txt()}"'
+        return f"{self.dns_name()}. IN TXT {_quoted_strings(self.public_txt())}"
 
 
-def generate_key(keys_dir: Path, domain: str, selector: str, bits: int = 2048) -> SigningKey:
-    """Create a new RSA key for `domain` under a new `selector` and make it the active one.
+@dataclass(frozen=True)
+class KeyInfo:
+    """One row of `list_keys`: a key on disk, or a problem with a domain's key files.
 
-    The PEM appears complete or not at all (written to a temporary file, then
-    hard-linked into place), and the link refuses to replace an existing selector
-    even when two of these run at once.
+    `problem` is None for a usable key; `bits` is None when the key cannot be read.
+    """
+
+    domain: str
+    selector: str | None
+    bits: int | None
+    active: bool
+    problem: str | None = None
+
+
+def generate_key(
+    keys_dir: Path, domain: str, selector: str, bits: int = 2048, *, activate: bool = False
+) -> SigningKey:
+    """Create a new RSA key for `domain` under a new `selector`.
+
+    The domain's first key becomes active at once; a later one only with
+    `activate` (or `activate_key` later), because mail signed before its DNS
+    record is published fails DKIM everywhere. The PEM appears complete or not
+    at all (written to a temporary file, then hard-linked into place), and the
+    link refuses to replace an existing selector even when two of these run at once.
     """
     domain = _check_domain(domain)
     if not _valid_selector(selector):
@@ -137,10 +187,83 @@ def generate_key(keys_dir: Path, domain: str, selector: str, bits: int = 2048) -
             _write_new(pem_path, pem)
         except FileExistsError:
             raise InvalidInput(taken) from None
-        _write_replace(domain_dir / ACTIVE_FILE, f"{selector}\n".encode("ascii"))
+        active = domain_dir / ACTIVE_FILE
+        line = f"{selector}\n".encode("ascii")
+        if activate:
+            _write_replace(active, line)
+        else:
+            # Linked into place, never replaced: of two first keys made at once, one wins.
+            with contextlib.suppress(FileExistsError):
+                _write_new(active, line)
     except OSError as e:
         raise ConfigError(f"cannot write DKIM key under {domain_dir}: {e.strerror or e}") from e
     return SigningKey(domain=domain, selector=selector, private_pem=pem)
+
+
+def activate_key(keys_dir: Path, domain: str, selector: str) -> SigningKey:
+    """Make an existing, usable key the one `domain`'s mail is signed with.
+
+    The selector is matched case-insensitively, as DNS does. Unknown selectors are
+    NotFound and unusable keys ConfigError, so a typo never stops the signing.
+    """
+    domain = _check_domain(domain)
+    if not _valid_selector(selector):
+        raise InvalidInput(f"invalid DKIM selector {selector!r}")
+    domain_dir = keys_dir / domain
+    wanted = f"{selector}.pem".lower()
+    try:
+        found = [
+            p
+            for p in domain_dir.iterdir()
+            if p.name.lower() == wanted and _valid_selector(p.stem)  # not "\u212a.pem" for "k"
+        ]
+    except (FileNotFoundError, NotADirectoryError):
+        found = []
+    except OSError as e:
+        raise ConfigError(f"{domain_dir}: cannot list DKIM keys: {_reason(e)}") from e
+    if not found:
+        raise NotFound(
+            f"no DKIM key {selector!r} for {domain} (`listserv dkim list {domain}` shows them)"
+        )
+    pem_path = found[0]
+    try:
+        pem = _canonical_pem(pem_path.read_bytes())
+    except OSError as e:
+        raise ConfigError(f"{pem_path}: cannot read DKIM key: {_reason(e)}") from e
+    except ValueError as e:
+        raise ConfigError(f"{pem_path}: not a usable DKIM key: {e}") from e
+    try:
+        _write_replace(domain_dir / ACTIVE_FILE, f"{pem_path.stem}\n".encode("ascii"))
+    except OSError as e:
+        raise ConfigError(f"cannot write {domain_dir / ACTIVE_FILE}: {_reason(e)}") from e
+    return SigningKey(domain=domain, selector=pem_path.stem, private_pem=pem)
+
+
+def active_selector(keys_dir: Path, domain: str) -> str | None:
+    """The selector `domain`'s `active` file names, or None when there is no such file."""
+    domain = _check_domain(domain)
+    active = keys_dir / domain / ACTIVE_FILE
+    try:
+        return active.read_text(encoding="ascii").strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{active}: cannot read the active DKIM selector: {_reason(e)}") from e
+
+
+def list_keys(keys_dir: Path, domain: str | None = None) -> list[KeyInfo]:
+    """Every key under keys_dir (or one domain's), sorted; broken files become rows, not errors."""
+    if domain is not None:
+        domains = [_check_domain(domain)]
+    else:
+        try:
+            entries = sorted(p.name for p in keys_dir.iterdir() if p.is_dir())
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise ConfigError(f"{keys_dir}: cannot list DKIM keys: {_reason(e)}") from e
+        domains = [name for name in entries if _is_domain(name)]
+    return [info for name in domains for info in _domain_keys(keys_dir / name, name)]
 
 
 def active_key(keys_dir: Path, domain: str) -> SigningKey | None:
@@ -151,12 +274,9 @@ def active_key(keys_dir: Path, domain: str) -> SigningKey | None:
     """
     domain = _check_domain(domain)
     active = keys_dir / domain / ACTIVE_FILE
-    try:
-        selector = active.read_text(encoding="ascii").strip()
-    except (FileNotFoundError, NotADirectoryError):
+    selector = active_selector(keys_dir, domain)
+    if selector is None:
         return None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{active}: cannot read the active DKIM selector: {_reason(e)}") from e
     if not _valid_selector(selector):
         raise ConfigError(f"{active}: does not name a valid DKIM selector ({selector[:64]!r})")
     pem_path = active.parent / f"{selector}.pem"
@@ -173,6 +293,47 @@ def active_key(keys_dir: Path, domain: str) -> SigningKey | None:
     except ValueError as e:
         raise ConfigError(f"{pem_path}: not a usable DKIM key: {e}") from e
     return SigningKey(domain=domain, selector=selector, private_pem=pem)
+
+
+def _domain_keys(domain_dir: Path, domain: str) -> list[KeyInfo]:
+    try:
+        pems = sorted(
+            p for p in domain_dir.iterdir() if p.suffix == ".pem" and not p.name.startswith(".")
+        )
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except OSError as e:
+        return [KeyInfo(domain, None, None, False, f"cannot list {domain_dir}: {_reason(e)}")]
+    rows: list[KeyInfo] = []
+    active = domain_dir / ACTIVE_FILE
+    try:
+        current: str | None = active.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        current = None
+    except (OSError, UnicodeDecodeError) as e:
+        current = None
+        rows.append(KeyInfo(domain, None, None, False, f"cannot read {active}: {_reason(e)}"))
+    for pem_path in pems:
+        bits: int | None = None
+        problem: str | None = None
+        if not _valid_selector(pem_path.stem):
+            problem = "not a valid selector name"
+        try:
+            bits = _load_rsa(pem_path.read_bytes()).key_size
+        except OSError as e:
+            problem = f"cannot read: {_reason(e)}"
+        except ValueError as e:
+            problem = f"not a usable key: {e}"
+        rows.append(KeyInfo(domain, pem_path.stem, bits, pem_path.stem == current, problem))
+    if current is not None and current not in {p.stem for p in pems}:
+        shown = current[:64] if current.isprintable() else repr(current[:64])
+        problem = (
+            f"{active} names {shown!r} but {shown}.pem does not exist"
+            if _valid_selector(current)
+            else f"{active} does not name a valid selector"
+        )
+        rows.append(KeyInfo(domain, shown or None, None, True, problem))
+    return rows
 
 
 class Signer:
@@ -205,11 +366,16 @@ class Signer:
 
         Pass the final wire bytes (e.g. from ``listserv.mail.to_bytes``) with CRLF
         line endings and do not re-serialize afterwards with another policy.
-        h= lists each SIGNED_HEADERS field once per occurrence in the message.
+        h= lists each SIGNED_HEADERS field once per occurrence in the message,
+        and each OVERSIGNED_HEADERS field once more (RFC 6376 §8.15).
         """
-        include = _headers_to_sign(message)
-        if b"from" not in include:
+        present = _signed_fields(message)
+        if b"from" not in present:
             raise InvalidInput("cannot DKIM-sign a message without a From header")
+        # One null entry per OVERSIGNED name: dkimpy (select_headers) and other
+        # verifiers match h= names to fields from the bottom up and hash nothing
+        # for an entry left without a field, so a field added later fills it.
+        include = present + list(_OVERSIGNED)
         try:
             signature: bytes = dkim.sign(
                 message,
@@ -225,7 +391,7 @@ class Signer:
         return signature + message
 
 
-def _headers_to_sign(message: bytes) -> list[bytes]:
+def _signed_fields(message: bytes) -> list[bytes]:
     """The lower-cased names of the SIGNED_HEADERS fields in `message`, in order, repeats kept."""
     if message[:1] in (b" ", b"\t"):
         raise InvalidInput("cannot DKIM-sign a message that starts with a continuation line")
@@ -238,6 +404,14 @@ def _headers_to_sign(message: bytes) -> list[bytes]:
         if m is not None and m.group(1).decode("ascii").lower() in _SIGNED:
             names.append(m.group(1).lower())
     return names
+
+
+def _quoted_strings(value: str) -> str:
+    """`value` as zone-file quoted strings of at most 255 octets each (ASCII, no escapes needed)."""
+    if not value.isascii() or '"' in value or "\\" in value:
+        raise InvalidInput("a DKIM TXT value must be ASCII without quotes or backslashes")
+    chunks = [value[i : i + _TXT_STRING_MAX] for i in range(0, len(value), _TXT_STRING_MAX)]
+    return " ".join(f'"{chunk}"' for chunk in chunks or [""])
 
 
 def _check_domain(domain: str) -> str:
@@ -254,6 +428,13 @@ def _check_domain(domain: str) -> str:
             " (internationalized names in their xn-- form)"
         )
     return lowered
+
+
+def _is_domain(name: str) -> bool:
+    try:
+        return _check_domain(name) == name
+    except InvalidInput:
+        return False
 
 
 def _valid_selector(selector: str) -> bool:
