@@ -53,6 +53,7 @@ class Received:
     rcpt_tos: list[str]
     data: bytes
     mail_options: list[str] = field(default_factory=list)
+    helo: str = ""  # the client's EHLO/HELO name
 
     def message(self) -> EmailMessage:
         """Parse ``data`` with ``email.policy.SMTP``; ``data`` stays the record."""
@@ -258,6 +259,7 @@ class Sink:
                     rcpt_tos=list(envelope.rcpt_tos),
                     data=envelope.original_content,
                     mail_options=list(envelope.mail_options),
+                    helo=str(session.host_name or ""),
                 )
             )
         reply = f"250 2.0.0 OK queued as {self.accepted_messages}"

@@ -65,6 +65,8 @@ BASE64 = message(
 )
 RECIPIENTS = [
     "ann@one.example",
+    "bob.smith+lists@two.example",
+    "c_d-e@five.example",
     "o'brien&co@two.example",  # needs escaping in HTML
     "zoë@three.example",  # not ASCII
     "a-very-long-local-part-that-does-not-fit-on-the-line@four.example",
@@ -88,6 +90,8 @@ def test_personalized_copies_read_exactly_like_full_renders(raw: bytes) -> None:
     template = prepare.render(raw, VIEW, None)
     copies = prepare.personalize(template, VIEW, RECIPIENTS, None)
     assert len(copies) == len(RECIPIENTS)
+    fast = [r for r in RECIPIENTS if prepare.Personalizer(template, VIEW).fits_fast_path(r)]
+    assert fast == RECIPIENTS[:3]  # the first three take the fast path, the others not
     for recipient, data in zip(RECIPIENTS, copies, strict=True):
         assert texts(data) == texts(slow(template, recipient))
         assert prepare.PLACEHOLDER not in data.decode("utf-8", "replace")

@@ -108,29 +108,48 @@ PLACEHOLDER = "LISTSERV-RECIPIENT-7c1e9a"
 _SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_+@")
 
 
-def personalize(
-    template: bytes, view: ListView, recipients: list[str], signer: dkim.Signer | None
-) -> list[bytes]:
-    """One message per recipient, each with its own footer line and signature.
+class Personalizer:
+    """Renders one post's copies, each with its own footer line (unsigned).
 
-    The footer is rendered once with a placeholder, and each copy is that render
+    The footer is rendered once with a placeholder, and a copy is that render
     with the address put in its place, wherever that is exact: the placeholder
     came out verbatim (not base64), the address needs no escaping in text, HTML
     or quoted-printable, and no line grows past 76 characters. Other recipients
     get a full render.
     """
-    base = mail.parse(template)
-    fast = mail.to_bytes(decorate.add_footer(copy.deepcopy(base), footer_text(view, PLACEHOLDER)))
-    token = PLACEHOLDER.encode()
-    room = 76 - max((len(line) for line in fast.splitlines() if token in line), default=999)
-    usable = token in fast
+
+    def __init__(self, template: bytes, view: ListView) -> None:
+        self.view = view
+        self._base = mail.parse(template)
+        footer = footer_text(view, PLACEHOLDER)
+        self._fast = mail.to_bytes(decorate.add_footer(copy.deepcopy(self._base), footer))
+        token = PLACEHOLDER.encode()
+        lines = (len(line) for line in self._fast.splitlines() if token in line)
+        self._room = 76 - max(lines, default=999)
+        self._usable = token in self._fast
+
+    def fits_fast_path(self, recipient: str) -> bool:
+        return (
+            self._usable
+            and set(recipient) <= _SAFE
+            and len(recipient) - len(PLACEHOLDER) <= self._room
+        )
+
+    def render(self, recipient: str) -> bytes:
+        if self.fits_fast_path(recipient):
+            return self._fast.replace(PLACEHOLDER.encode(), recipient.encode())
+        footer = footer_text(self.view, recipient)
+        return mail.to_bytes(decorate.add_footer(copy.deepcopy(self._base), footer))
+
+
+def personalize(
+    template: bytes, view: ListView, recipients: list[str], signer: dkim.Signer | None
+) -> list[bytes]:
+    """One message per recipient, each with its own footer line and signature."""
+    personalizer = Personalizer(template, view)
     out: list[bytes] = []
     for recipient in recipients:
-        if usable and set(recipient) <= _SAFE and len(recipient) - len(token) <= room:
-            data = fast.replace(token, recipient.encode())
-        else:
-            msg = decorate.add_footer(copy.deepcopy(base), footer_text(view, recipient))
-            data = mail.to_bytes(msg)
+        data = personalizer.render(recipient)
         out.append(signer.sign(data) if signer else data)
     return out
 
