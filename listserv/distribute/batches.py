@@ -75,6 +75,18 @@ class Report:
     left: int = 0
 
 
+_UPDATE_ONE = (
+    sa.update(Delivery)
+    .where(Delivery.id == sa.bindparam("rid"))
+    .values(
+        state=sa.bindparam("s", type_=Delivery.__table__.c.state.type),
+        code=sa.bindparam("c"),
+        detail=sa.bindparam("d"),
+        updated_at=sa.bindparam("u", type_=Delivery.__table__.c.updated_at.type),
+    )
+)
+
+
 def open_after(batch: ClaimedBatch, results: Sequence[RecipientResult]) -> int:
     """Recipients of `batch` still open once these are all of its results."""
     answered = {r.delivery_id for r in results}
@@ -208,13 +220,21 @@ def record(
         if report.batch.id in held:
             for r in report.results:
                 groups[(r.outcome, r.code, r.detail[:1000])].append(r.delivery_id)
+    singles: list[dict[str, object]] = []
     for (outcome, code, detail), ids in groups.items():
+        if len(ids) == 1:  # e.g. each personalized message's own "queued as" reply
+            singles.append({"rid": ids[0], "s": outcome, "c": code, "d": detail})
+            continue
         for start in range(0, len(ids), CHUNK):
             conn.execute(
                 sa.update(Delivery)
                 .where(Delivery.id.in_(ids[start : start + CHUNK]))
                 .values(state=outcome, code=code, detail=detail, updated_at=now)
             )
+    if singles:
+        for single in singles:
+            single["u"] = now
+        conn.execute(_UPDATE_ONE, singles)  # one executemany, not a statement per reply
     states: list[BatchState | None] = []
     done: list[int] = []
     for report in reports:

@@ -28,7 +28,7 @@ class Prepared:
     takes: the list as it was when queued, and the signer."""
 
     message: bytes
-    view: prepare.ListView | None = None
+    personalizer: prepare.Personalizer | None = None  # the template, parsed once
     signer: dkim.Signer | None = None
 
 
@@ -40,6 +40,7 @@ class PreparedCache:
         self.keys_dir = keys_dir
         self.size = size
         self._items: OrderedDict[tuple[int, datetime | None], Prepared | None] = OrderedDict()
+        self._loading: dict[tuple[int, datetime | None], asyncio.Future[Prepared | None]] = {}
 
     async def get(self, batch: ClaimedBatch) -> Prepared | None:
         """The post of `batch` ready to send, or None when it no longer exists."""
@@ -47,7 +48,15 @@ class PreparedCache:
         if key in self._items:
             self._items.move_to_end(key)
             return self._items[key]
-        ready = await asyncio.to_thread(self._load, batch.post_id)
+        loading = self._loading.get(key)
+        if loading is not None:  # another sender is loading it: one load per post
+            return await asyncio.shield(loading)
+        future = asyncio.ensure_future(asyncio.to_thread(self._load, batch.post_id))
+        self._loading[key] = future
+        try:
+            ready = await asyncio.shield(future)
+        finally:
+            self._loading.pop(key, None)
         self._items[key] = ready
         while len(self._items) > self.size:
             self._items.popitem(last=False)
@@ -68,4 +77,8 @@ class PreparedCache:
                     return None
                 view = prepare.ListView.of(mlist)
         view = dataclasses.replace(view, delivery_mode=DeliveryMode.PERSONALIZED)
-        return Prepared(queued.prepared, view, prepare.signer_for(self.keys_dir, view.domain))
+        return Prepared(
+            queued.prepared,
+            prepare.Personalizer(queued.prepared, view),
+            prepare.signer_for(self.keys_dir, view.domain),
+        )

@@ -18,7 +18,7 @@ import logging
 
 from listserv.config import Settings
 from listserv.db import Database
-from listserv.distribute import prepare, sender
+from listserv.distribute import sender
 from listserv.distribute.batches import End
 from listserv.distribute.cache import PreparedCache
 from listserv.distribute.dispatcher import Dispatcher, InFlight
@@ -30,6 +30,10 @@ log = logging.getLogger("listserv.engine")
 
 #: personalized messages rendered and signed per thread hop
 RENDER_CHUNK = 16
+#: personalized results handed to the dispatcher every this many messages: a kill
+#: re-sends at most these and the one in flight per connection. Every message cost
+#: 2.6 s in 10,000 (a database round each); every 4th, 0.3 s.
+PROGRESS_EVERY = 4
 
 
 class DeliveryEngine:
@@ -144,16 +148,16 @@ class DeliveryEngine:
             return End.DONE
         if not self.dispatcher.holds(item):
             return End.HANDED_BACK
-        if ready.view is None:  # shared: one signed message for the whole batch
+        if ready.personalizer is None:  # shared: one signed message for the whole batch
             item.results.extend(
                 await sender.send(conn, batch.envelope_from, batch.recipients, ready.message, phase)
             )
             return End.DONE
-        # personalized: one message per recipient, each result recorded as it comes
+        # personalized: one message per recipient, results recorded as they come
         for start in range(0, len(batch.recipients), RENDER_CHUNK):
             chunk = batch.recipients[start : start + RENDER_CHUNK]
             rendered = await asyncio.to_thread(
-                prepare.personalize, ready.message, ready.view, [a for _, a in chunk], ready.signer
+                ready.personalizer.render_all, [a for _, a in chunk], ready.signer
             )
             for recipient, data in zip(chunk, rendered, strict=True):
                 if self.stop.is_set() or not self.dispatcher.holds(item):
@@ -161,5 +165,6 @@ class DeliveryEngine:
                 item.results.extend(
                     await sender.send(conn, batch.envelope_from, [recipient], data, phase)
                 )
-                self.dispatcher.progress(item)
+                if len(item.results) - item.recorded >= PROGRESS_EVERY:
+                    self.dispatcher.progress(item)
         return End.DONE

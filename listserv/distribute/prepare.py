@@ -141,17 +141,20 @@ class Personalizer:
         footer = footer_text(self.view, recipient)
         return mail.to_bytes(decorate.add_footer(copy.deepcopy(self._base), footer))
 
+    def render_all(self, recipients: list[str], signer: dkim.Signer | None) -> list[bytes]:
+        """One message per recipient, each with its own footer line and signature."""
+        out: list[bytes] = []
+        for recipient in recipients:
+            data = self.render(recipient)
+            out.append(signer.sign(data) if signer else data)
+        return out
+
 
 def personalize(
     template: bytes, view: ListView, recipients: list[str], signer: dkim.Signer | None
 ) -> list[bytes]:
     """One message per recipient, each with its own footer line and signature."""
-    personalizer = Personalizer(template, view)
-    out: list[bytes] = []
-    for recipient in recipients:
-        data = personalizer.render(recipient)
-        out.append(signer.sign(data) if signer else data)
-    return out
+    return Personalizer(template, view).render_all(recipients, signer)
 
 
 def signer_for(keys_dir: Path, domain: str) -> dkim.Signer | None:
