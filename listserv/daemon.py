@@ -26,7 +26,7 @@ from listserv.db import Database
 from listserv.distribute import dkim, prepare, queue, sender
 from listserv.distribute.queue import ClaimedBatch, RecipientResult
 from listserv.models import BatchState, DeliveryMode, MailingList, RecipientState
-from listserv.smtp_in.handler import InboundHandler, ListservSMTP
+from listserv.smtp_in.server import InboundServer
 
 log = logging.getLogger("listserv.daemon")
 
@@ -61,23 +61,11 @@ class Daemon:
         freed = await asyncio.to_thread(self._release_dead_leases)
         if freed:
             log.info("resumed %d batches left in flight by a previous run", freed)
-        loop = asyncio.get_running_loop()
         s = self.settings
-        handler = InboundHandler(self.db, on_accepted=self._wake_scheduler)
-        server = await loop.create_server(
-            lambda: ListservSMTP(
-                handler,
-                hostname=s.server.hostname,
-                ident="listserv",
-                data_size_limit=s.server.max_message_size,
-                enable_SMTPUTF8=True,
-            ),
-            s.server.host,
-            s.server.port,
-        )
+        server = await InboundServer.start(self.db, s.server, on_accepted=self._wake_scheduler)
         runner: web.AppRunner | None = None
         try:
-            self.smtp_port = server.sockets[0].getsockname()[1]
+            self.smtp_port = server.port
             if s.http.enabled:
                 runner = web.AppRunner(http.make_app(self.db), access_log=None)
                 await runner.setup()
@@ -95,14 +83,14 @@ class Daemon:
             )
             await self._serve_until_stopped(server)
         finally:
-            server.close()
-            await server.wait_closed()
+            # idle sessions get 421; a message being stored gets its reply first
+            await server.drain(SHUTDOWN_TIMEOUT)
             if runner is not None:
                 await runner.cleanup()
             self.db.dispose()
             log.info("stopped")
 
-    async def _serve_until_stopped(self, server: asyncio.Server) -> None:
+    async def _serve_until_stopped(self, server: InboundServer) -> None:
         tasks: list[asyncio.Task[None]] = []
         async with asyncio.TaskGroup() as group:
             tasks.append(group.create_task(self._scheduler()))
