@@ -49,7 +49,10 @@ def inject(app: App, address: str, file: BinaryIO, sender: str | None) -> None:
     )
     outcome = intake.receive(app.db, envelope)
     if outcome.reply.code != 250:
-        raise click.ClickException(str(outcome.reply))
+        hint = ""
+        if outcome.reply.enhanced == replies.UNDELIVERABLE.enhanced:
+            hint = " (--sender sets only the envelope sender; the message needs its own From:)"
+        raise click.ClickException(f"{outcome.reply}{hint}")
     click.echo(str(outcome.reply))
     for target, state in outcome.posts.items():
         click.echo(f"post to {target}: {state.value}")
