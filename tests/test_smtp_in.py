@@ -11,7 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
+import signal
+import smtplib
 import sqlite3
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,9 +30,10 @@ from click.testing import CliRunner
 from conftest import make_list, message
 from sink import Sink
 
-from listserv import lists, members
+from listserv import config, lists, members
 from listserv.cli import cli
 from listserv.db import Database
+from listserv.errors import ConfigError
 from listserv.models import (
     DeliveryBatch,
     InboundMessage,
@@ -536,3 +543,55 @@ async def test_a_stop_while_a_message_is_being_stored_still_gets_its_250(
         assert post is not None and post.state is PostState.ACCEPTED
         inbound = s.get(InboundMessage, post.inbound_id)
         assert inbound is not None and inbound.raw == post_text()
+
+
+def test_server_settings_must_be_positive() -> None:
+    for key in ("idle_timeout", "data_timeout", "session_timeout", "max_connections"):
+        with pytest.raises(ConfigError, match=rf"\[server\] {key}: must be greater than 0"):
+            config.from_dict({"server": {key: 0}})
+    defaults = config.from_dict({}).server
+    assert (defaults.max_connections, defaults.max_connections_per_ip) == (100, 50)
+    assert defaults.idle_timeout >= 300  # RFC 5321 4.5.3.2.7
+
+
+@pytest.mark.parametrize("debug", [False, True], ids=["default", "debug"])
+def test_serve_logs_aiosmtpd_per_command_lines_only_with_debug(tmp_path: Path, debug: bool) -> None:
+    cfg = tmp_path / "listserv.toml"
+    cfg.write_text(
+        f'[server]\nport = 0\n[http]\nenabled = false\n[database]\nurl = "sqlite:///{tmp_path}/db"\n'
+        f'[dkim]\nkeys_dir = "{tmp_path}/dkim"\n',
+        encoding="utf-8",
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LISTSERV_")}
+    base = [sys.executable, "-m", "listserv.cli", "--config", str(cfg)]
+    subprocess.run([*base, "init"], check=True, capture_output=True, timeout=60, env=env)
+    log_path = tmp_path / "stderr.log"
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [*base, *(["--debug"] if debug else []), "serve"],
+            stdout=subprocess.DEVNULL,
+            stderr=log_file,
+            env=env,
+        )
+        try:
+            port = 0
+            for _ in range(600):
+                found = re.search(r"listening for SMTP on [\d.]+:(\d+)", log_path.read_text())
+                if found:
+                    port = int(found.group(1))
+                    break
+                assert proc.poll() is None, log_path.read_text()
+                time.sleep(0.05)
+            assert port, log_path.read_text()
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+                for _ in range(20):
+                    assert client.noop()[0] == 250
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=60) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    text = log_path.read_text()
+    assert ("mail.log" in text) is debug, text
+    assert "Traceback" not in text
