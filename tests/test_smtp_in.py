@@ -285,13 +285,15 @@ async def test_undecodable_addresses_get_553_not_451(
     assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
+#: the first two are test_e2e.MALFORMED's "junk" and "broken-headers", byte for byte
 NO_FROM = {
     "no-header-section": (
         b"no headers at all, just text\r\n\xff\xfe binary \x00 junk\r\n",
         "it has no header section",
     ),
     "empty-from": (
-        b"From: \r\nCc: a@b.c,\r\nSubject: =?utf-8?q?broken\r\n\r\nbody\r\n",
+        b"From: \r\nCc: a@b.c,\r\nSubject: =?utf-8?q?broken\r\n"
+        b"Content-Type: multipart/mixed\r\n\r\nno boundary\r\n",
         "its From: header holds no address",
     ),
     "no-from": (b"To: staff@lists.example.org\r\nSubject: hi\r\n\r\nbody\r\n", "no From: header"),
