@@ -30,6 +30,17 @@ class ServerSettings:
     port: int = 8025
     hostname: str = "localhost"
     max_message_size: int = 10 * 1024 * 1024
+    #: seconds without a complete command before "421 4.4.2" (RFC 5321 4.5.3.2.7: 5 minutes)
+    idle_timeout: float = 300.0
+    #: seconds from DATA to the final dot, so a client trickling bytes is cut off
+    data_timeout: float = 600.0
+    #: seconds a session may last in all, however busy (a trickle of NOOPs)
+    session_timeout: float = 1800.0
+    #: concurrent sessions in all, and from one client IP address; more get 421 at connect
+    max_connections: int = 100
+    max_connections_per_ip: int = 50
+    #: commands in one session before "421 4.7.0"
+    max_commands: int = 10000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -187,6 +198,15 @@ def _validate(s: Settings) -> None:
     if not 0 < s.delivery.port <= 65535:
         raise ConfigError(f"{s.source}: [delivery] port: must be 1..65535")
     positive("server", "max_message_size", s.server.max_message_size)
+    for key in (
+        "idle_timeout",
+        "data_timeout",
+        "session_timeout",
+        "max_connections",
+        "max_connections_per_ip",
+        "max_commands",
+    ):
+        positive("server", key, getattr(s.server, key))
     positive("delivery", "max_recipients_per_message", s.delivery.max_recipients_per_message)
     positive("delivery", "max_connections", s.delivery.max_connections)
     positive("delivery", "timeout", s.delivery.timeout)

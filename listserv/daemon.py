@@ -3,8 +3,9 @@ endpoint share one event loop; blocking work (database, rendering, signing) runs
 in threads.
 
 `Daemon.run()` returns after `stop()` (SIGTERM/SIGINT in `listserv serve`): the
-listener closes first, then the delivery engine stops as distribute/engine.py
-describes, and the daemon's liveness lock is let go last.
+listener closes first (sessions storing a message get their reply, idle ones a
+421), the delivery engine stops as distribute/engine.py describes, and the
+daemon's liveness lock is let go last.
 """
 
 from __future__ import annotations
@@ -21,9 +22,12 @@ from listserv.db import Database
 from listserv.distribute import scheduler
 from listserv.distribute.engine import DeliveryEngine
 from listserv.distribute.liveness import Liveness, worker_id
-from listserv.smtp_in.handler import InboundHandler, ListservSMTP
+from listserv.smtp_in.server import InboundServer
 
 log = logging.getLogger("listserv.daemon")
+
+#: how long a stop waits for inbound sessions storing a message (seconds)
+INBOUND_DRAIN = 30.0
 
 
 class Daemon:
@@ -53,24 +57,14 @@ class Daemon:
             log.info("stopped")
 
     async def _run(self, liveness: Liveness) -> None:
-        loop = asyncio.get_running_loop()
         s = self.settings
         engine = DeliveryEngine(self.db, s, worker=self.worker, liveness=liveness, stop=self._stop)
-        handler = InboundHandler(self.db, on_accepted=self._posts_waiting.set)
-        server = await loop.create_server(
-            lambda: ListservSMTP(
-                handler,
-                hostname=s.server.hostname,
-                ident="listserv",
-                data_size_limit=s.server.max_message_size,
-                enable_SMTPUTF8=True,
-            ),
-            s.server.host,
-            s.server.port,
+        server = await InboundServer.start(
+            self.db, s.server, on_accepted=self._posts_waiting.set
         )
         runner: web.AppRunner | None = None
         try:
-            self.smtp_port = server.sockets[0].getsockname()[1]
+            self.smtp_port = server.port
             if s.http.enabled:
                 runner = web.AppRunner(http.make_app(self.db), access_log=None)
                 await runner.setup()
@@ -102,10 +96,9 @@ class Daemon:
                 self.ready.set()
                 await self._stop.wait()
                 log.info("shutting down: no new mail accepted, finishing what is in hand")
-                server.close()
+                server.close()  # idle sessions get 421; one storing a message gets its reply
                 self._posts_waiting.set()
         finally:
-            server.close()
-            await server.wait_closed()
+            await server.drain(INBOUND_DRAIN)
             if runner is not None:
                 await runner.cleanup()

@@ -238,7 +238,7 @@ def main() -> None:
             accepted_at = time.time()  # right after the 250 to DATA
         if code != 250:
             raise SystemExit(f"the post was refused: {code} {reply.decode()}")
-        inbound_id = int(reply.decode().rsplit(" ", 1)[1])  # "2.0.0 Queued as N"
+        post_id = int(reply.decode().rsplit(" ", 1)[1])  # "2.0.0 Queued as N": the post id
         sys.path.insert(0, str(ROOT))
         import sqlalchemy as sa
 
@@ -249,7 +249,7 @@ def main() -> None:
         deadline = time.monotonic() + 600
         while True:
             with db.reading() as session:
-                post = session.scalar(sa.select(Post).where(Post.inbound_id == inbound_id))
+                post = session.scalar(sa.select(Post).where(Post.id == post_id))
                 state = post.state if post else None
                 finished = post.finished_at if post else None
             if state in (PostState.SENT, PostState.FAILED) or time.monotonic() > deadline:

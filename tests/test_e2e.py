@@ -439,8 +439,7 @@ async def test_smarthost_auth_with_password_from_the_environment(
 
 
 MALFORMED = [
-    b"no headers at all, just text\r\n\xff\xfe binary \x00 junk\r\n",
-    b"From: \r\nCc: a@b.c,\r\nSubject: =?utf-8?q?broken\r\n"
+    b"From: boss@example.org\r\nCc: a@b.c,\r\nSubject: =?utf-8?q?broken\r\n"
     b"Content-Type: multipart/mixed\r\n\r\nno boundary\r\n",
     b"From: boss@example.org\r\nContent-Type: text/plain; charset=x-unknown\r\n"
     b"Content-Transfer-Encoding: base64\r\n\r\n!!!not base64!!!\r\n",
@@ -450,7 +449,8 @@ MALFORMED = [
 ]
 
 
-@pytest.mark.parametrize("raw", MALFORMED, ids=["junk", "broken-headers", "bad-charset", "long"])
+# Mail with no header section or no From: address is refused at DATA (tests/test_smtp_in.py).
+@pytest.mark.parametrize("raw", MALFORMED, ids=["broken-headers", "bad-charset", "long"])
 async def test_malformed_mail_from_a_sender_is_delivered_not_crashed_on(
     db: Database, sink: Sink, daemon_factory: Any, raw: bytes
 ) -> None:

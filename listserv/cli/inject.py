@@ -8,7 +8,7 @@ import click
 
 from listserv import addresses, mail, replies
 from listserv.cli.app import App, pass_app
-from listserv.errors import InvalidInput, NotFound
+from listserv.errors import NotFound
 from listserv.smtp_in import intake
 
 
@@ -23,8 +23,9 @@ def inject(app: App, address: str, file: BinaryIO, sender: str | None) -> None:
     """Queue a message as if it had arrived by SMTP.
 
     FILE ('-': stdin) goes through the same checks as mail sent to LIST from
-    the network (posting policy, size, loops). Prints the SMTP reply; exit
-    status 0 on 250, else 1 with the reply as the error.
+    the network (posting policy, size, loops, a header section with a From:
+    address). Prints the SMTP reply; exit status 0 on 250, else 1 with the
+    reply as the error.
 
     \b
     Example:
@@ -37,19 +38,21 @@ def inject(app: App, address: str, file: BinaryIO, sender: str | None) -> None:
     if isinstance(intake.resolve(app.db, address), replies.Reply):
         raise NotFound(f"no such list: {address}")
     if sender is None:
+        # No From: address: intake refuses the post (550 5.6.0) with the reason.
         found = mail.addresses(mail.parse(raw), "From")
-        if not found:
-            raise InvalidInput("the message has no From: address; give one with --sender")
-        sender = found[0]
+        sender = found[0] if found else ""
     envelope = intake.Envelope(
-        mail_from=addresses.normalize(sender),
+        mail_from=addresses.normalize(sender) if sender else "",
         rcpt_tos=(address,),
         content=raw,
         peer="listserv inject",
     )
     outcome = intake.receive(app.db, envelope)
     if outcome.reply.code != 250:
-        raise click.ClickException(str(outcome.reply))
+        hint = ""
+        if outcome.reply.enhanced == replies.UNDELIVERABLE.enhanced:
+            hint = " (--sender sets only the envelope sender; the message needs its own From:)"
+        raise click.ClickException(f"{outcome.reply}{hint}")
     click.echo(str(outcome.reply))
     for target, state in outcome.posts.items():
         click.echo(f"post to {target}: {state.value}")

@@ -25,7 +25,7 @@ from email.utils import formatdate, make_msgid
 from typing import Literal, cast
 
 from listserv.errors import InvalidInput
-from listserv.mail import POLICY, header
+from listserv.mail import POLICY, addresses, header
 
 #: Replaced on every post so that our values are the only ones (RFC 2369 §2, RFC 2919 §3).
 _REPLACED_HEADERS = (
@@ -80,7 +80,8 @@ class _Undecodable(Exception):
 
 
 def add_list_headers(msg: EmailMessage, headers: ListHeaders) -> None:
-    """Replace any list headers with ours; add Message-ID and Date only when missing."""
+    """Replace any list headers with ours, add our X-BeenThere (keeping other lists'),
+    and add Message-ID and Date only when missing."""
     for name in _REPLACED_HEADERS:
         del msg[name]
     msg.set_raw("List-Id", _list_id_value(headers))
@@ -95,6 +96,10 @@ def add_list_headers(msg: EmailMessage, headers: ListHeaders) -> None:
         msg.set_raw("List-Unsubscribe-Post", "List-Unsubscribe=One-Click")
     msg.set_raw("List-Owner", f"<mailto:{headers.owner}>")
     msg.set_raw("Precedence", "list")
+    # The loop marker (pipeline.rules.check_loop). Never replaced: the markers of the
+    # other lists a post went through stay, so a loop between two lists is caught.
+    if headers.post.lower() not in {a.lower() for a in addresses(msg, "X-BeenThere")}:
+        msg.set_raw("X-BeenThere", headers.post)
     if not (header(msg, "Message-ID") or "").strip():
         del msg["Message-ID"]
         domain = headers.post.rpartition("@")[2] or headers.list_id

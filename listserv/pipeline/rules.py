@@ -24,12 +24,38 @@ MAY_POST: dict[PostingPolicy, frozenset[Role] | None] = {
 
 
 def check_loop(ctx: PostContext) -> Decision | None:
-    """A post that already went through this list is discarded, silently."""
+    """A post that already went through this list is discarded, silently.
+
+    X-BeenThere is the marker: decoration adds one per list and never strips
+    another list's, so a post going round two lists subscribed to each other is
+    caught the second time it reaches either (List-Id alone is replaced by each).
+    """
+    address = ctx.mlist.address.lower()
+    if address in (a.lower() for a in mail.addresses(ctx.msg, "X-BeenThere")):
+        return Decision(Action.DISCARD, (f"loop: the message already went through {address}",))
     list_id = f"<{ctx.mlist.list_id}>"
     value = mail.header(ctx.msg, "List-Id") or ""
     if list_id.lower() in value.lower():
         return Decision(Action.DISCARD, (f"loop: the message already carries List-Id {list_id}",))
     return None
+
+
+def check_deliverable(ctx: PostContext) -> Decision | None:
+    """A post we could not send out as it is gets a 5xx in the dialogue, not 250-then-dropped.
+
+    Without a header section or a From: address (RFC 5322 3.6: From is required)
+    the big mailbox providers refuse the message, so every member would bounce it.
+    """
+    if not ctx.msg.keys():
+        why = "it has no header section"
+    elif mail.header(ctx.msg, "From") is None:
+        why = "it has no From: header"
+    elif not mail.addresses(ctx.msg, "From"):
+        why = "its From: header holds no address"
+    else:
+        return None
+    reason = f"cannot distribute this message to {ctx.mlist.address}: {why}"
+    return Decision(Action.REJECT, (reason,), replies.UNDELIVERABLE.with_text(reason))
 
 
 def check_sender_allowed(ctx: PostContext) -> Decision | None:
@@ -45,4 +71,4 @@ def check_sender_allowed(ctx: PostContext) -> Decision | None:
     return Decision(Action.REJECT, (reason,), replies.NOT_ALLOWED.with_text(reason))
 
 
-RULES: tuple[Rule, ...] = (check_loop, check_sender_allowed)
+RULES: tuple[Rule, ...] = (check_loop, check_deliverable, check_sender_allowed)

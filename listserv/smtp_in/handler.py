@@ -21,6 +21,7 @@ from listserv.smtp_in import intake
 
 log = logging.getLogger("listserv.smtp")
 
+#: RFC 5321 4.5.3.1.8: a server must take at least 100; the 101st gets 452 4.5.3
 MAX_RECIPIENTS = 100
 
 
@@ -28,6 +29,23 @@ class InboundHandler:
     def __init__(self, db: Database, on_accepted: Callable[[], None] = lambda: None) -> None:
         self.db = db
         self.on_accepted = on_accepted
+
+    async def handle_MAIL(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        # aiosmtpd keeps undecodable bytes as surrogates (SMTPUTF8 on); stored, they
+        # failed at DATA with a traceback and a 451, and the MTA retried for days.
+        if not _decodable(address):
+            log.info("refused MAIL FROM:<%a> from %s: not UTF-8", address, _peer(session))
+            return str(replies.BAD_SENDER)
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return str(replies.MAIL_OK)
 
     async def handle_RCPT(
         self,
@@ -37,8 +55,11 @@ class InboundHandler:
         address: str,
         rcpt_options: list[str],
     ) -> str:
+        if not _decodable(address):
+            log.info("refused RCPT TO:<%a> from %s: not UTF-8", address, _peer(session))
+            return str(replies.BAD_RECIPIENT)
         if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
-            return "452 4.5.3 Too many recipients"
+            return str(replies.TOO_MANY_RECIPIENTS)
         try:
             result = await asyncio.to_thread(intake.resolve, self.db, address)
         except Exception:
@@ -62,6 +83,9 @@ class InboundHandler:
             peer=_peer(session),
             targets=tuple(_targets(envelope)),
         )
+        log.debug(
+            "DATA from %s: %d bytes for %s, storing", request.peer, len(content), request.rcpt_tos
+        )
         try:
             outcome = await asyncio.to_thread(intake.receive, self.db, request)
         except Exception:
@@ -71,6 +95,19 @@ class InboundHandler:
         if outcome.accepted_posts:
             self.on_accepted()
         return str(outcome.reply)
+
+    async def handle_exception(self, error: Exception) -> str:
+        """An unexpected error in a command: logged; the client may try again (nothing stored)."""
+        log.error("SMTP session error", exc_info=error)
+        return str(replies.TEMP_FAILURE)
+
+
+def _decodable(address: str) -> bool:
+    try:
+        address.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _targets(envelope: Envelope) -> list[ListAddress]:
@@ -88,16 +125,3 @@ def _peer(session: Session) -> str:
     if isinstance(peer, tuple) and peer:
         return f"{peer[0]}:{peer[1]}" if len(peer) > 1 else str(peer[0])
     return str(peer or "")
-
-
-class ListservSMTP(SMTP):
-    """aiosmtpd's SMTP, with enhanced status codes on its built-in size refusals."""
-
-    # aiosmtpd answers these itself, before any hook runs.
-
-    async def push(self, status: Any) -> None:
-        if isinstance(status, str) and status.startswith("552 Error"):
-            status = str(replies.TOO_BIG)
-        elif isinstance(status, str) and status.startswith("500 Line too long"):
-            status = str(replies.LINE_TOO_LONG)
-        await super().push(status)

@@ -52,6 +52,8 @@ class Outcome:
     reply: Reply
     inbound_ids: tuple[int, ...] = ()
     accepted_posts: tuple[int, ...] = ()
+    #: every post made (accepted, held, discarded): the ids in "Queued as ..."
+    post_ids: tuple[int, ...] = ()
     posts: dict[str, PostState] = field(default_factory=dict)
 
 
@@ -112,7 +114,9 @@ def _receive(db: Database, envelope: Envelope, targets: dict[Kind, list[ListAddr
                 decisions.append((mlist, ctx, decision))
 
     inbound_ids: list[int] = []
+    pending_ids: list[int] = []
     post_ids: list[int] = []
+    all_posts: list[int] = []
     states: dict[str, PostState] = {}
     with db.session() as session:
         for kind, group in targets.items():
@@ -127,8 +131,12 @@ def _receive(db: Database, envelope: Envelope, targets: dict[Kind, list[ListAddr
             session.add(inbound)
             session.flush()
             inbound_ids.append(inbound.id)
+            if inbound.state is InboundState.PENDING:
+                pending_ids.append(inbound.id)
             if kind is Kind.OWNER:
-                post_ids.extend(_forward_to_owners(session, inbound, group, msg))
+                forwarded = _forward_to_owners(session, inbound, group, msg)
+                post_ids.extend(forwarded)
+                all_posts.extend(forwarded)
             if kind is not Kind.POST:
                 continue
             for mlist, ctx, decision in decisions:
@@ -144,6 +152,7 @@ def _receive(db: Database, envelope: Envelope, targets: dict[Kind, list[ListAddr
                 )
                 session.add(post)
                 session.flush()
+                all_posts.append(post.id)
                 states[mlist.address] = state
                 if state is PostState.ACCEPTED:
                     post_ids.append(post.id)
@@ -155,10 +164,25 @@ def _receive(db: Database, envelope: Envelope, targets: dict[Kind, list[ListAddr
                     state.value,
                     f" ({decision.reason})" if decision.reason else "",
                 )
-    ref = ",".join(str(i) for i in inbound_ids)
     return Outcome(
-        replies.QUEUED.with_text(f"Queued as {ref}"), tuple(inbound_ids), tuple(post_ids), states
+        _stored_reply(all_posts, pending_ids),
+        inbound_ids=tuple(inbound_ids),
+        accepted_posts=tuple(post_ids),
+        posts=states,
+        post_ids=tuple(all_posts),
     )
+
+
+def _stored_reply(post_ids: list[int], pending_ids: list[int]) -> Reply:
+    """The 250 text: "Queued as 12,13" names the posts (as `listserv queue status`
+    shows them); mail that makes no post is "Stored as 7 for processing" (inbound id)."""
+    parts: list[str] = []
+    if post_ids:
+        parts.append(f"Queued as {','.join(map(str, post_ids))}")
+    if pending_ids:
+        stored = "stored" if parts else "Stored"
+        parts.append(f"{stored} as {','.join(map(str, pending_ids))} for processing")
+    return (replies.QUEUED if post_ids else replies.STORED).with_text("; ".join(parts))
 
 
 #: kinds handled here; the others wait (stored) for their issues' processors
