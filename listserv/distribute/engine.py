@@ -73,7 +73,13 @@ class DeliveryEngine:
                 task.result()  # a task that ended before the stop: raise its error
             self.dispatcher.wake.set()
             await self._drain(senders)
-            await asyncio.wait_for(dispatcher, self.settings.delivery.timeout + 30)
+            try:
+                await asyncio.wait_for(dispatcher, self.settings.delivery.timeout + 30)
+            except TimeoutError:
+                log.error(
+                    "stopping: could not record the last results (is the database reachable?);"
+                    " their batches are sent again once their leases run out"
+                )
         finally:
             stopping.cancel()
             for task in everything:
