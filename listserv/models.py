@@ -82,6 +82,38 @@ class PostState(enum.StrEnum):
 class Audience(enum.StrEnum):
     MEMBERS = "members"  # a post: decorated, signed, to the members
     OWNERS = "owners"  # mail to NAME-owner@: forwarded unchanged to the owners
+    NOTICE = "notice"  # mail the server writes (holds, decisions): to posts.notice_to
+
+
+class NonmemberAction(enum.StrEnum):
+    """What happens to a post from someone the posting policy does not allow."""
+
+    HOLD = "hold"
+    REJECT = "reject"
+    DISCARD = "discard"
+
+
+class ModerationAction(enum.StrEnum):
+    """A member's or sender's own action, overriding the list's default."""
+
+    ACCEPT = "accept"
+    HOLD = "hold"
+    REJECT = "reject"
+    DISCARD = "discard"
+
+
+class ContentFilter(enum.StrEnum):
+    REJECT = "reject"  # plain_text_only: anything but text/plain is rejected
+    CONVERT = "convert"  # plain_text_only: HTML-only and alternative posts go out as text
+
+
+class LinkPolicy(enum.StrEnum):
+    ALLOW = "allow"
+    HOLD = "hold"  # links to hosts outside link_allowlist hold the post
+
+
+class TokenKind(enum.StrEnum):
+    MODERATION = "moderation"  # decides a held post by reply to NAME-confirm+TOKEN@
 
 
 class BatchState(enum.StrEnum):
@@ -132,6 +164,11 @@ class Base(DeclarativeBase):
         InboundState: _enum(InboundState),
         PostState: _enum(PostState),
         Audience: _enum(Audience),
+        NonmemberAction: _enum(NonmemberAction),
+        ModerationAction: _enum(ModerationAction),
+        ContentFilter: _enum(ContentFilter),
+        LinkPolicy: _enum(LinkPolicy),
+        TokenKind: _enum(TokenKind),
         BatchState: _enum(BatchState),
         RecipientState: _enum(RecipientState),
     }
@@ -155,6 +192,21 @@ class MailingList(Base):
     subject_prefix: Mapped[str] = mapped_column(sa.String(100), default="")
     description: Mapped[str] = mapped_column(sa.String(255), default="")
     footer: Mapped[str] = mapped_column(sa.Text, default="")
+    # -- posting policy and moderation (the moderation issue) --
+    #: None: by the posting policy (hold on members lists, reject on announce lists)
+    nonmember_action: Mapped[NonmemberAction | None] = mapped_column(default=None)
+    require_authenticated_sender: Mapped[bool] = mapped_column(default=False)
+    max_message_kb: Mapped[int] = mapped_column(default=0)  # 0: the server's limit
+    plain_text_only: Mapped[bool] = mapped_column(default=False)
+    content_filter: Mapped[ContentFilter] = mapped_column(default=ContentFilter.REJECT)
+    allow_attachments: Mapped[bool] = mapped_column(default=True)
+    allowed_mime_types: Mapped[str] = mapped_column(sa.Text, default="")  # comma-separated
+    approval_threshold: Mapped[int] = mapped_column(default=0)  # 0: no threshold
+    blackout: Mapped[str] = mapped_column(sa.Text, default="")  # "07-01..07-31,12-24..01-06"
+    external_links: Mapped[LinkPolicy] = mapped_column(default=LinkPolicy.ALLOW)
+    link_allowlist: Mapped[str] = mapped_column(sa.Text, default="")  # comma-separated hosts
+    hold_expiry_days: Mapped[int] = mapped_column(default=14)
+    last_reminder_at: Mapped[datetime | None] = mapped_column(default=None)
     created_at: Mapped[CreatedAt]
 
     @property
@@ -181,6 +233,10 @@ class Member(Base):
     display_name: Mapped[str] = mapped_column(sa.String(255), default="")
     role: Mapped[Role] = mapped_column(default=Role.MEMBER)
     delivery_status: Mapped[DeliveryStatus] = mapped_column(default=DeliveryStatus.ENABLED)
+    #: overrides the list's action for this address's posts (None: the list decides)
+    moderation_action: Mapped[ModerationAction | None] = mapped_column(default=None)
+    #: a sender whose posts pass the approval threshold and blackouts
+    emergency: Mapped[bool] = mapped_column(default=False)
     created_at: Mapped[CreatedAt]
 
 
@@ -206,8 +262,9 @@ class Post(Base):
 
     id: Mapped[IntPK]
     list_id: Mapped[int] = mapped_column(sa.ForeignKey("mailing_lists.id", ondelete="CASCADE"))
-    inbound_id: Mapped[int] = mapped_column(
-        sa.ForeignKey("inbound_messages.id", ondelete="CASCADE")
+    #: None for notices the server writes itself
+    inbound_id: Mapped[int | None] = mapped_column(
+        sa.ForeignKey("inbound_messages.id", ondelete="CASCADE"), default=None
     )
     state: Mapped[PostState]
     audience: Mapped[Audience] = mapped_column(default=Audience.MEMBERS)
@@ -223,6 +280,12 @@ class Post(Base):
     delivery_mode: Mapped[DeliveryMode | None] = mapped_column(default=None)
     render: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON, default=None)
     queued_at: Mapped[datetime | None] = mapped_column(default=None)
+    #: a notice's recipients (audience notice)
+    notice_to: Mapped[list[str] | None] = mapped_column(sa.JSON, default=None)
+    #: an approved post is not queued before this time ("approve at ...")
+    not_before: Mapped[datetime | None] = mapped_column(default=None)
+    decided_by: Mapped[str] = mapped_column(sa.String(320), default="")
+    decided_at: Mapped[datetime | None] = mapped_column(default=None)
     created_at: Mapped[CreatedAt]
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
 
@@ -269,6 +332,26 @@ class Delivery(Base):
     code: Mapped[int | None] = mapped_column(default=None)
     detail: Mapped[str] = mapped_column(sa.Text, default="")
     updated_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class Token(Base):
+    """A secret mailed to someone (in NAME-confirm+TOKEN@): only its hash is stored."""
+
+    __tablename__ = "tokens"
+    __table_args__ = (sa.UniqueConstraint("digest"), NO_REUSE)
+
+    id: Mapped[IntPK]
+    digest: Mapped[str] = mapped_column(sa.String(64))  # sha256 hex of the token
+    kind: Mapped[TokenKind]
+    list_id: Mapped[int] = mapped_column(sa.ForeignKey("mailing_lists.id", ondelete="CASCADE"))
+    post_id: Mapped[int | None] = mapped_column(
+        sa.ForeignKey("posts.id", ondelete="CASCADE"), default=None
+    )
+    address: Mapped[Address] = mapped_column(default="")  # whom it was sent to
+    payload: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON, default=None)
+    created_at: Mapped[CreatedAt]
+    expires_at: Mapped[datetime]
+    used_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class AuditEntry(Base):

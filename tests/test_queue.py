@@ -328,6 +328,19 @@ def test_post_ids_are_never_reused_after_a_list_is_deleted(db: Database) -> None
     assert _accepted_post(db, other) > deleted
 
 
+def test_every_table_keeps_autoincrement_ids_after_all_migrations(tmp_path: Path) -> None:
+    db = Database(f"sqlite:///{tmp_path / 'fresh.db'}")
+    db.upgrade()
+    with db.engine.connect() as conn:
+        tables = conn.exec_driver_sql(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'table'"
+            " AND name NOT IN ('alembic_version', 'sqlite_sequence')"
+        ).all()
+    db.dispose()
+    assert tables
+    assert [name for name, sql in tables if "AUTOINCREMENT" not in sql] == []
+
+
 def test_upgrade_from_0001_keeps_every_row_and_stops_reusing_ids(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
     db = Database(f"sqlite:///{path}")
