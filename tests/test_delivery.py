@@ -329,3 +329,30 @@ async def test_a_cli_write_while_the_daemon_delivers_on_sqlite(
     await wait_until(lambda: post_state(db) is PostState.SENT, timeout=60)
     assert Counter(sink.recipients()) == Counter(many)  # the snapshot was taken at queueing
     assert daemon.daemon
+
+
+async def test_a_post_to_two_lists_reaches_a_member_of_both_once(
+    db: Database, sink: Sink, daemon_factory: Any
+) -> None:
+    one = make_list(db, "one@lists.example.org", members_=["both@x.example", "a@x.example"])
+    two = make_list(db, "two@lists.example.org", members_=["BOTH@x.example", "b@x.example"])
+    with db.session() as s:
+        from listserv import members
+        from listserv.models import Role
+
+        for address in (one, two):
+            members.add(s, lists.get(s, address), [SENDER], role=Role.SENDER)
+    daemon = await daemon_factory()
+    await send(daemon.port, post_text(), rcpts=[one, two])
+    await sink.wait_for_recipients(3)
+
+    def both_sent() -> bool:
+        with db.reading() as s:
+            return set(s.scalars(sa.select(Post.state))) == {PostState.SENT}
+
+    await wait_until(both_sent)
+    assert sorted(a.lower() for a in sink.recipients()) == [
+        "a@x.example",
+        "b@x.example",
+        "both@x.example",
+    ]

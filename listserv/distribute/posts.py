@@ -21,9 +21,11 @@ from listserv.db import db_now
 from listserv.models import (
     Audience,
     BatchState,
+    Delivery,
     DeliveryBatch,
     DeliveryMode,
     DeliveryStatus,
+    InboundMessage,
     MailingList,
     Member,
     Post,
@@ -79,6 +81,32 @@ def recipients(session: Session, list_id: int, audience: Audience = Audience.MEM
             seen.add(key)
             result.append(address)
     return result
+
+
+def not_yet_sent_with(session: Session, post: Post, addresses: Sequence[str]) -> list[str]:
+    """`addresses` less those another post of the same incoming message (to another
+    list) already has: a message sent to several lists reaches each address once.
+
+    On PostgreSQL the incoming message's row is locked, so two daemons queueing
+    two of its posts at once see each other's snapshot.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(
+            sa.select(InboundMessage.id)
+            .where(InboundMessage.id == post.inbound_id)
+            .with_for_update()
+        )
+    taken = {
+        a.lower()
+        for a in session.scalars(
+            sa.select(Delivery.address)
+            .join(Post, Post.id == Delivery.post_id)
+            .where(Post.inbound_id == post.inbound_id, Post.id != post.id)
+        )
+    }
+    if not taken:
+        return list(addresses)
+    return [a for a in addresses if a.lower() not in taken]
 
 
 _INSERT_DELIVERY = sa.text(

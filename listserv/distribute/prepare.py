@@ -177,15 +177,21 @@ def queue_post(db: Database, settings: Settings, post_id: int) -> int | None:
         if post is None:
             return None
         mlist = session.get(MailingList, post.list_id)
-        inbound = session.get(InboundMessage, post.inbound_id)
-        if mlist is None or inbound is None:
+        if post.audience is Audience.NOTICE:
+            raw = post.prepared  # written by the server: sign it, nothing more
+        else:
+            inbound = session.get(InboundMessage, post.inbound_id)
+            raw = None if inbound is None else inbound.raw
+        if mlist is None or raw is None:
             return None  # deleted meanwhile, with its list
         view = ListView.of(mlist)
-        raw = inbound.raw
         audience = post.audience
     try:
         if audience is Audience.OWNERS:
             prepared = raw  # forwarded as it came: its own signatures stay valid
+        elif audience is Audience.NOTICE:
+            signer = signer_for(settings.keys_dir, view.domain)
+            prepared = signer.sign(raw) if signer else raw
         else:
             prepared = render(raw, view, signer_for(settings.keys_dir, view.domain))
     except Exception as exc:
@@ -195,12 +201,18 @@ def queue_post(db: Database, settings: Settings, post_id: int) -> int | None:
         with db.session() as session:
             posts.fail_post(session, post_id, reason)
         return None
-    mode = DeliveryMode.SHARED if audience is Audience.OWNERS else view.delivery_mode
+    mode = view.delivery_mode if audience is Audience.MEMBERS else DeliveryMode.SHARED
     with db.session() as session:
         locked = posts.lock_accepted_post(session, post_id)
         if locked is None:
             return None
-        rcpts = posts.recipients(session, locked.list_id, audience)
+        if audience is Audience.NOTICE:
+            rcpts = list(dict.fromkeys(locked.notice_to or []))
+        else:
+            rcpts = posts.recipients(session, locked.list_id, audience)
+        if audience is Audience.MEMBERS and locked.inbound_id is not None:
+            # one message sent to several lists reaches each address once
+            rcpts = posts.not_yet_sent_with(session, locked, rcpts)
         batches = posts.enqueue(
             session,
             locked,

@@ -156,6 +156,10 @@ def upgrade() -> None:
         )
 
     with op.batch_alter_table("posts", schema=None, table_kwargs=KEEP) as batch_op:
+        batch_op.drop_constraint(op.f("ck_posts_audience"), type_="check")
+        batch_op.create_check_constraint(
+            "audience", sa.text("audience IN ('members', 'owners', 'notice')")
+        )
         batch_op.add_column(sa.Column("notice_to", sa.JSON(), nullable=True))
         batch_op.add_column(
             sa.Column("not_before", listserv.models.UTCDateTime(timezone=True), nullable=True)
