@@ -189,13 +189,14 @@ def in_flight(session: Session, mlist: MailingList) -> list[PendingPost]:
     ).all()
     if not posts:
         return []
-    open_counts = dict(
-        session.execute(
+    open_counts: dict[int, int] = {
+        post_id: n
+        for post_id, n in session.execute(
             sa.select(Delivery.post_id, sa.func.count(Delivery.id))
             .where(Delivery.post_id.in_([p.id for p in posts]), Delivery.state.in_(_OPEN))
             .group_by(Delivery.post_id)
-        ).tuples()
-    )
+        )
+    }
     would_get: dict[Any, int] = {}
     pending: list[PendingPost] = []
     for post_id, state, audience in posts:
