@@ -93,6 +93,10 @@ def check_text(key: str, value: str) -> str:
                 f"{key}: control character U+{ord(char):04X} at position {index + 1}"
                 f" is not allowed{allowed}"
             )
+    if key == "subject_prefix" and "=?" in value:
+        # The Subject is folded from text that may hold the sender's encoded-words, so
+        # a literal "=?...?=" in the prefix would be decoded there (RFC 2047 §2).
+        raise InvalidInput("subject_prefix: '=?' is not allowed (it starts an encoded-word)")
     limit = LIMITS.get(key)
     if limit is not None and len(value) > limit:
         raise InvalidInput(f"{key}: at most {limit} characters, got {len(value)}")
