@@ -30,6 +30,15 @@ class ImportReport:
     invalid: list[tuple[int, str]] = field(default_factory=list)
 
 
+def member_address(mlist: MailingList, address: str) -> str:
+    """The normalized address, refused if it is one of the list's own: a list that
+    is its own member mails every post back to itself. Another list is fine."""
+    addr = addresses.normalize(address)
+    if addresses.is_own(addr, mlist.local_part, mlist.domain):
+        raise InvalidAddress(f"{addr} is one of the addresses of {mlist.address} itself")
+    return addr
+
+
 def _existing(session: Session, mlist: MailingList) -> set[tuple[str, Role]]:
     rows = session.execute(sa.select(Member.address, Member.role).where(Member.list_id == mlist.id))
     return {(a.lower(), r) for a, r in rows}
@@ -45,7 +54,7 @@ def add(
     actor: str = "cli",
 ) -> tuple[list[str], list[str]]:
     """Add members; returns (added, already present). Every address is validated first."""
-    normalized = [addresses.normalize(a) for a in addrs]
+    normalized = [member_address(mlist, a) for a in addrs]
     existing = _existing(session, mlist)
     added: list[str] = []
     skipped: list[str] = []
@@ -161,7 +170,7 @@ def import_csv(
                 continue
             values = {h: (row[i].strip() if i < len(row) else "") for h, i in index.items()}
             try:
-                addr = addresses.normalize(values["address"])
+                addr = member_address(mlist, values["address"])
             except InvalidAddress as exc:
                 report.invalid.append((line, str(exc)))
                 continue

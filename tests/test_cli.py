@@ -276,7 +276,8 @@ def test_members_import_reports_counts_and_line_numbers(run: Run, tmp_path: Path
     assert ok(result).splitlines() == [
         "added 3, skipped 1, invalid 2",
         "line 4: skipped: ann@example.org is already a member",
-        "line 5: invalid: not a valid domain: 'carol@nowhere'",
+        "line 5: invalid: invalid address 'carol@nowhere': the part after the @-sign is not"
+        " valid. It should have a period",
         "line 6: invalid: unknown role 'king'",
     ]
     assert "2 invalid row(s) were not imported" in result.stderr
@@ -425,10 +426,10 @@ def test_dkim_keygen_prints_the_dns_record(run: Run, tmp_path: Path) -> None:
     [
         (("lists", "show", "nope@example.org"), "no such list: nope@example.org"),
         (("members", "list", "nope@example.org"), "no such list: nope@example.org"),
-        (("members", "add", LIST, "ok@example.org", "bad@x"), "not a valid domain: 'bad@x'"),
-        (("lists", "create", "not-an-address"), "not an e-mail address"),
+        (("members", "add", LIST, "ok@example.org", "bad@x"), "invalid address 'bad@x'"),
+        (("lists", "create", "not-an-address"), "invalid address 'not-an-address'"),
         (("lists", "create", "staff-request@example.org"), "may not end in -request"),
-        (("lists", "create", "staff@example.org", "--owner", "@x"), "not an e-mail address"),
+        (("lists", "create", "staff@example.org", "--owner", "@x"), "invalid address '@x'"),
     ],
 )
 def test_bad_input_is_one_error_line(run: Run, args: tuple[str, ...], fragment: str) -> None:
@@ -608,3 +609,177 @@ def test_serve_on_a_port_in_use_is_one_error_line(serve_config: Path) -> None:
     last = proc.stderr.splitlines()[-1]
     assert last.startswith("Error: cannot start: ")
     assert f"{port}" in last and "address already in use" in last
+
+
+# -- input is refused where it enters ------------------------------------------------------
+
+INJECTION = "[x]\r\nBcc: evil@example.org"
+
+
+def show(run: Run, address: str = LIST) -> str:
+    return ok(run("lists", "show", address))
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("subject_prefix", INJECTION),
+        ("subject_prefix", "[x]\n"),
+        ("subject_prefix", "tab\there"),
+        ("subject_prefix", "nul\x00"),
+        ("description", INJECTION),
+        ("description", "Staff\rList"),
+        ("description", "escape\x1b[31m"),
+        ("description", "del\x7f"),
+        ("description", "next\x85line"),
+        ("description", "line\u2028separator"),
+        ("footer", "nul\x00"),
+        ("footer", "bare\rreturn"),
+        ("footer", "bell\x07"),
+    ],
+)
+def test_lists_set_refuses_control_characters_and_changes_nothing(
+    run: Run, key: str, value: str
+) -> None:
+    ok(run("lists", "create", LIST, "--description", "Staff"))
+    before = show(run)
+    error = assert_error(run("lists", "set", LIST, key, value), f"{key}: control character U+")
+    assert "Bcc" not in error
+    assert show(run) == before
+
+
+@pytest.mark.parametrize("option", ["--description", "--subject-prefix"])
+@pytest.mark.parametrize("value", [INJECTION, "a\nb", "a\x00b", "a\x1bb"])
+def test_lists_create_refuses_control_characters_and_creates_nothing(
+    run: Run, option: str, value: str
+) -> None:
+    key = option.removeprefix("--").replace("-", "_")
+    assert_error(run("lists", "create", LIST, option, value), f"{key}: control character U+")
+    result = run("lists", "list")
+    assert ok(result) == "" and result.stderr == "no lists\n"
+
+
+@pytest.mark.parametrize("name", ["sta\r\nff@lists.example.org", "staff\x00@lists.example.org"])
+def test_a_list_name_with_control_characters_is_refused(run: Run, name: str) -> None:
+    assert_error(run("lists", "create", name), "invalid address")
+    assert ok(run("lists", "list")) == ""
+
+
+def test_the_footer_keeps_newlines_and_tabs(run: Run, tmp_path: Path) -> None:
+    ok(run("lists", "create", LIST))
+    ok(run("lists", "set", LIST, "footer", "Rules:\r\n\t1. Be kind.\n\t2. Be brief."))
+    conn = sqlite3.connect(tmp_path / "db.sqlite")
+    (footer,) = conn.execute("SELECT footer FROM mailing_lists").fetchone()
+    conn.close()
+    assert footer == "Rules:\n\t1. Be kind.\n\t2. Be brief."
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "Zoë's Grüße für alle",
+        '"Staff, all" (x)',
+        "<all staff>",
+        "d" * 255,
+        " ".join(["日本語"] * 40),
+    ],
+)
+def test_header_settings_that_are_not_control_characters_are_stored(run: Run, value: str) -> None:
+    ok(run("lists", "create", LIST))
+    assert ok(run("lists", "set", LIST, "description", value)) == (
+        f"{LIST}: description = {value}\n"
+    )
+    prefix = value[:100].strip()
+    ok(run("lists", "set", LIST, "subject_prefix", prefix))
+    shown = show(run)
+    assert f"description:     {value}\n" in shown
+    assert f"subject_prefix:  {prefix}\n" in shown
+
+
+def test_an_idn_list_is_stored_as_an_a_label_and_found_by_any_spelling(run: Run) -> None:
+    out = ok(run("lists", "create", "Staff@Bücher.Example"))
+    assert out == "created list staff@xn--bcher-kva.example (policy members, mode shared)\n"
+    for spelling in ("staff@bücher.example", "STAFF@XN--BCHER-KVA.EXAMPLE"):
+        assert "address:         staff@xn--bcher-kva.example\n" in show(run, spelling)
+    assert_error(
+        run("lists", "create", "staff@xn--bcher-kva.example"),
+        "list already exists: staff@xn--bcher-kva.example",
+    )
+
+
+def test_an_idn_member_in_either_form_is_one_member(run: Run) -> None:
+    ok(run("lists", "create", LIST))
+    assert ok(run("members", "add", LIST, "jürgen@bücher.example")) == (
+        "added member: jürgen@xn--bcher-kva.example\n"
+    )
+    assert ok(run("members", "add", LIST, "jürgen@XN--BCHER-KVA.example")) == (
+        "already a member: jürgen@xn--bcher-kva.example\n"
+    )
+    assert ok(run("members", "list", LIST)).split() == ["jürgen@xn--bcher-kva.example", "member"]
+    assert ok(run("members", "remove", LIST, "jürgen@Bücher.example")) == (
+        "removed jürgen@xn--bcher-kva.example\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("address", "fragment"),
+    [
+        ("a..b@example.org", "two periods in a row"),
+        ("l" * 65 + "@example.org", "too long before the @-sign"),
+        ("l" * 64 + "@" + "d" * 63 + "." + "e" * 63 + "." + "f" * 54 + ".example", "too long"),
+        ("Ann <ann@example.org>", "display name"),
+        ("garbage", "must have an @-sign"),
+        ("staff@lists.example.org", "one of the addresses of staff@lists.example.org itself"),
+        ("STAFF-REQUEST@Lists.Example.org", "addresses of staff@lists.example.org itself"),
+        ("staff-bounces+x@lists.example.org", "addresses of staff@lists.example.org itself"),
+    ],
+)
+def test_members_add_refuses_bad_and_own_addresses_and_adds_none(
+    run: Run, address: str, fragment: str
+) -> None:
+    ok(run("lists", "create", LIST))
+    assert_error(run("members", "add", LIST, "ok@example.org", address), fragment)
+    assert_error(run("members", "add", LIST, address, "--role", "moderator"), fragment)
+    assert "ok@example.org" not in ok(run("members", "list", LIST))
+    imported = ok(run("members", "import", LIST, "-", input=f"address\n{address}\n"))
+    assert imported.splitlines()[0] == "added 0, skipped 0, invalid 1"
+    assert fragment in imported.splitlines()[1]
+
+
+def test_another_list_may_be_subscribed(run: Run) -> None:
+    ok(run("lists", "create", LIST))
+    ok(run("lists", "create", "all@lists.example.org"))
+    assert ok(run("members", "add", "all@lists.example.org", "STAFF@lists.example.org")) == (
+        "added member: STAFF@lists.example.org\n"
+    )
+
+
+def test_lists_delete_refuses_posts_in_flight_and_force_cancels_them(
+    run: Run, announce_list: str, tmp_path: Path
+) -> None:
+    out = ok(run("inject", announce_list, "-", input=message(POST)))
+    post_id = int(out.split()[4])
+    error = assert_error(run("lists", "delete", LIST, "--yes"))
+    assert error == (
+        f"Error: not deleting {LIST}: 1 post (1 waiting) with 2 recipient(s) not yet"
+        " delivered; wait for them, or pass --force to cancel them"
+    )
+    show(run)
+    assert ok(run("queue", "status")).count("accepted") == 1
+
+    forced = run("lists", "delete", LIST, "--yes", "--force")
+    assert ok(forced) == (
+        f"cancelled post {post_id} (accepted, 2 recipient(s) not yet delivered)\n"
+        f"deleted list {LIST}\n"
+    )
+    assert_error(run("lists", "show", LIST), f"no such list: {LIST}")
+    assert ok(run("queue", "status")) == "queue is empty\n"
+    conn = sqlite3.connect(tmp_path / "db.sqlite")
+    detail = conn.execute(
+        "SELECT detail FROM audit_log WHERE action = 'list.delete' AND list_address = ?", (LIST,)
+    ).fetchone()
+    conn.close()
+    assert detail == (
+        f"cancelled 1 post (1 waiting) with 2 recipient(s) not yet delivered:"
+        f" post {post_id} (accepted, 2 open)",
+    )

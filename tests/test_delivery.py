@@ -202,7 +202,7 @@ async def test_a_deleted_lists_post_is_never_sent_to_another_list(
         lambda: any(s is RecipientState.DEFERRED for s, _, _ in deliveries(db).values())
     )
     with db.session() as s:
-        lists.delete(s, lists.get(s, secret))
+        lists.delete(s, lists.get(s, secret), force=True)
     await send(daemon.port, post_text(subject="Hello others"), rcpts=[other])
     await sink.wait_for_recipients(1)
     await wait_until(lambda: post_state(db) is PostState.SENT)

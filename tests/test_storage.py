@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import pytest
+import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from conftest import make_list
+from test_queue import _accepted_post, _queue
 
 from listserv import config, lists, members
 from listserv.db import Database
 from listserv.distribute import posts
 from listserv.errors import AlreadyExists, DatabaseError, InvalidAddress, InvalidInput
 from listserv.models import (
+    AuditEntry,
     Base,
+    Delivery,
+    DeliveryBatch,
+    Post,
+    PostState,
+    RecipientState,
     Role,
 )
 
@@ -105,3 +113,233 @@ def test_large_import_is_bulk(db: Database) -> None:
     assert report.added == 20000
     with db.reading() as s:
         assert len(posts.recipients(s, lists.get(s, address).id)) == 20000
+
+
+# -- input is refused where it enters ------------------------------------------------------
+
+
+def test_idn_member_in_either_form_is_one_member_stored_as_a_label(db: Database) -> None:
+    address = make_list(db)
+    with db.session() as s:
+        mlist = lists.get(s, address)
+        added, skipped = members.add(s, mlist, ["user@bücher.example"])
+        assert added == ["user@xn--bcher-kva.example"] and skipped == []
+        added, skipped = members.add(s, mlist, ["user@XN--BCHER-KVA.example"])
+        assert added == [] and skipped == ["user@xn--bcher-kva.example"]
+        report = members.import_csv(s, mlist, "address\nuser@Bücher.Example\n".encode())
+        assert report.added == 0 and report.skipped == [(2, _already("user@xn--bcher-kva"))]
+    with db.reading() as s:
+        mlist = lists.get(s, address)
+        assert [m.address for m in members.roster(s, mlist, Role.MEMBER)] == [
+            "user@xn--bcher-kva.example"
+        ]
+        assert posts.recipients(s, mlist.id) == ["user@xn--bcher-kva.example"]
+        assert members.roles_of(s, mlist, ["user@xn--bcher-kva.example"]) == {Role.MEMBER}
+
+
+def _already(local_and_domain: str) -> str:
+    return f"{local_and_domain}.example is already a member"
+
+
+def test_idn_list_is_stored_as_a_label_and_found_in_any_case_and_form(db: Database) -> None:
+    make_list(db, "Staff@Bücher.Example")
+    with db.reading() as s:
+        for spelling in (
+            "staff@xn--bcher-kva.example",
+            "STAFF@XN--BCHER-KVA.EXAMPLE",
+            "staff@bücher.example",
+            "Staff@BÜCHER.example",
+        ):
+            found = lists.find(s, spelling)
+            assert found is not None, spelling
+            assert (found.local_part, found.domain) == ("staff", "xn--bcher-kva.example")
+        assert lists.find(s, "not an address") is None
+    with db.session() as s, pytest.raises(AlreadyExists):
+        lists.create(s, "staff@XN--BCHER-KVA.example")
+
+
+@pytest.mark.parametrize(
+    "own",
+    [
+        "staff@lists.example.org",
+        "STAFF@Lists.Example.ORG",
+        "staff-request@lists.example.org",
+        "Staff-Bounces+x@lists.example.org",
+        "staff-owner@lists.example.org",
+    ],
+)
+def test_a_lists_own_addresses_are_refused_as_members(db: Database, own: str) -> None:
+    address = make_list(db)
+    with db.session() as s:
+        mlist = lists.get(s, address)
+        with pytest.raises(InvalidAddress, match=r"addresses of staff@lists\.example\.org itself"):
+            members.add(s, mlist, ["ok@example.org", own])
+        with pytest.raises(InvalidAddress, match=r"addresses of staff@lists\.example\.org itself"):
+            members.add(s, mlist, [own], role=Role.SENDER)
+        report = members.import_csv(s, mlist, f"address\nfine@example.org\n{own}\n".encode())
+        assert report.added == 1
+        assert [line for line, _ in report.invalid] == [3]
+        assert "itself" in report.invalid[0][1]
+    with db.reading() as s:
+        roster = {m.address for m in members.roster(s, lists.get(s, address))}
+    assert roster == {"owner@example.org", "fine@example.org"}  # the first add wrote nothing
+
+
+def test_another_list_may_be_a_member_and_an_own_address_may_not_own(db: Database) -> None:
+    staff = make_list(db)
+    make_list(db, "all@lists.example.org")
+    with db.session() as s:
+        added, _ = members.add(s, lists.get(s, "all@lists.example.org"), [staff])
+        assert added == [staff]
+        with pytest.raises(InvalidAddress, match="own addresses"):
+            lists.create(s, "news@lists.example.org", owners=["news-owner@lists.example.org"])
+    with db.reading() as s:
+        assert lists.find(s, "news@lists.example.org") is None
+
+
+BAD_TEXT = [
+    "[x]\r\nBcc: evil@example.org",
+    "line\nbreak",
+    "carriage\rreturn",
+    "tab\there",
+    "nul\x00",
+    "escape\x1b[31m",
+    "delete\x7f",
+    "c1\x85next-line",
+    "line\u2028separator",
+]
+
+
+@pytest.mark.parametrize("key", ["subject_prefix", "description"])
+@pytest.mark.parametrize("value", BAD_TEXT)
+def test_header_settings_refuse_control_characters_and_keep_the_old_value(
+    db: Database, key: str, value: str
+) -> None:
+    address = make_list(db)
+    with db.session() as s:
+        mlist = lists.get(s, address)
+        before = getattr(mlist, key)
+        with pytest.raises(InvalidInput, match=rf"^{key}: control character U\+[0-9A-F]{{4}} at"):
+            lists.set_setting(s, mlist, key, value)
+        assert getattr(mlist, key) == before
+        with pytest.raises(InvalidInput, match="control character"):
+            lists.create(s, "other@lists.example.org", **{key: value})  # type: ignore[arg-type]
+    with db.reading() as s:
+        assert getattr(lists.get(s, address), key) == before
+        assert lists.find(s, "other@lists.example.org") is None
+
+
+@pytest.mark.parametrize("value", ["nul\x00", "bell\x07", "escape\x1b[0m", "bare\rreturn", "\x85"])
+def test_the_footer_refuses_control_characters_other_than_newline_and_tab(
+    db: Database, value: str
+) -> None:
+    address = make_list(db)
+    with db.session() as s:
+        mlist = lists.get(s, address)
+        with pytest.raises(
+            InvalidInput, match=r"footer: control character .* \(newlines and tabs are allowed\)"
+        ):
+            lists.set_setting(s, mlist, "footer", value)
+        assert mlist.footer == ""
+
+
+def test_the_footer_keeps_newlines_and_tabs_and_stores_crlf_as_lf(db: Database) -> None:
+    address = make_list(db)
+    with db.session() as s:
+        lists.set_setting(s, lists.get(s, address), "footer", "Rules:\r\n\t1. Be kind.\nBye")
+    with db.reading() as s:
+        assert lists.get(s, address).footer == "Rules:\n\t1. Be kind.\nBye"
+
+
+def test_header_settings_keep_their_length_limits(db: Database) -> None:
+    address = make_list(db)
+    with db.session() as s:
+        mlist = lists.get(s, address)
+        lists.set_setting(s, mlist, "description", "d" * 255)
+        with pytest.raises(InvalidInput, match="description: at most 255 characters, got 256"):
+            lists.set_setting(s, mlist, "description", "d" * 256)
+        with pytest.raises(InvalidInput, match="subject_prefix: at most 100"):
+            lists.set_setting(s, mlist, "subject_prefix", "p" * 101)
+        assert mlist.description == "d" * 255
+
+
+def _in_flight(db: Database, address: str) -> tuple[int, int, int]:
+    """A sending post with 4 of 6 recipients open, one accepted and one held post."""
+    sending = _queue(db, address, 6, per_batch=10)
+    with db.session() as s:
+        ids = list(s.scalars(sa.select(Delivery.id).where(Delivery.post_id == sending)))
+        s.execute(
+            sa.update(Delivery)
+            .where(Delivery.id.in_(ids[:1]))
+            .values(state=RecipientState.DELIVERED)
+        )
+        s.execute(
+            sa.update(Delivery).where(Delivery.id.in_(ids[1:2])).values(state=RecipientState.FAILED)
+        )
+        s.execute(
+            sa.update(Delivery)
+            .where(Delivery.id.in_(ids[2:3]))
+            .values(state=RecipientState.DEFERRED)
+        )
+    accepted = _accepted_post(db, address)
+    held = _accepted_post(db, address)
+    with db.session() as s:
+        s.execute(sa.update(Post).where(Post.id == held).values(state=PostState.HELD))
+    return sending, accepted, held
+
+
+def test_delete_refuses_posts_in_flight_and_names_them(db: Database) -> None:
+    address = make_list(db)
+    sending, accepted, held = _in_flight(db, address)
+    with db.session() as s:
+        assert lists.in_flight(s, lists.get(s, address)) == [
+            lists.PendingPost(sending, PostState.SENDING, 4),
+            lists.PendingPost(accepted, PostState.ACCEPTED, 6),
+            lists.PendingPost(held, PostState.HELD, 6),
+        ]
+        with pytest.raises(lists.PostsInFlight) as info:
+            lists.delete(s, lists.get(s, address))
+    assert str(info.value) == (
+        f"not deleting {address}: 3 posts (1 waiting, 1 sending, 1 held) with 16 recipient(s)"
+        " not yet delivered; wait for them, or pass --force to cancel them"
+    )
+    with db.reading() as s:
+        assert lists.find(s, address) is not None
+        assert s.scalar(sa.select(sa.func.count(Post.id))) == 3
+
+
+def test_delete_with_force_cancels_posts_in_flight_and_records_them(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    address = make_list(db)
+    sending, accepted, held = _in_flight(db, address)
+    done = _accepted_post(db, address)
+    with db.session() as s:
+        s.execute(sa.update(Post).where(Post.id == done).values(state=PostState.SENT))
+    with caplog.at_level("WARNING", logger="listserv.lists"), db.session() as s:
+        cancelled = lists.delete(s, lists.get(s, address), force=True)
+    assert [(p.id, p.state, p.open_recipients) for p in cancelled] == [
+        (sending, PostState.SENDING, 4),
+        (accepted, PostState.ACCEPTED, 6),
+        (held, PostState.HELD, 6),
+    ]
+    with db.reading() as s:
+        assert lists.find(s, address) is None
+        for model in (Post, DeliveryBatch, Delivery):
+            assert s.scalar(sa.select(sa.func.count()).select_from(model)) == 0
+        entry = s.scalar(sa.select(AuditEntry).where(AuditEntry.action == "list.delete"))
+    assert entry is not None and entry.list_address == address
+    assert entry.detail.startswith("cancelled 3 posts (1 waiting, 1 sending, 1 held)")
+    assert f"post {sending} (sending, 4 open)" in entry.detail
+    assert f"post {held} (held, 6 open)" in entry.detail
+    assert [r.getMessage() for r in caplog.records] == [f"deleted list {address}: {entry.detail}"]
+
+
+def test_delete_without_posts_in_flight_needs_no_force(db: Database) -> None:
+    address = make_list(db, members_=["a@example.org"])
+    with db.session() as s:
+        assert lists.delete(s, lists.get(s, address)) == []
+    with db.reading() as s:
+        assert lists.find(s, address) is None
+        entry = s.scalar(sa.select(AuditEntry).where(AuditEntry.action == "list.delete"))
+        assert entry is not None and entry.detail == ""

@@ -126,23 +126,39 @@ def set_(app: App, address: str, key: str, value: str) -> None:
 @lists.command()
 @click.argument("address", metavar="NAME@DOMAIN")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Delete even with posts waiting, sending or held; they are cancelled and listed.",
+)
 @pass_app
-def delete(app: App, address: str, yes: bool) -> None:
+def delete(app: App, address: str, yes: bool, force: bool) -> None:
     """Delete a list with its members and queued posts. This cannot be undone.
 
-    Asks for confirmation unless --yes is given; without a terminal to ask on,
-    it refuses.
+    Refuses while posts are waiting, sending or held, unless --force is given;
+    the posts it then cancels are printed and written to the audit log. Asks
+    for confirmation unless --yes is given; without a terminal to ask on, it
+    refuses.
     """
     with app.db.reading() as session:
         mlist = store.get(session, address)
         target = mlist.address
         count = sum(roster.count_by_role(session, mlist).values())
+        pending = store.in_flight(session, mlist)
+    if pending and not force:
+        raise store.refusal(target, pending)
     if not yes:
         if not sys.stdin.isatty():
             raise click.ClickException(
                 f"not deleting {target}: no terminal to confirm on; pass --yes"
             )
-        click.confirm(f"Delete {target} and its {count} member entries?", abort=True)
+        also = f" and cancel {store.describe(pending)}" if pending else ""
+        click.confirm(f"Delete {target} and its {count} member entries{also}?", abort=True)
     with app.db.session() as session:  # asked outside a transaction: no lock held meanwhile
-        store.delete(session, store.get(session, target))
+        cancelled = store.delete(session, store.get(session, target), force=force)
+    for post in cancelled:
+        click.echo(
+            f"cancelled post {post.id} ({post.state.value},"
+            f" {post.open_recipients} recipient(s) not yet delivered)"
+        )
     click.echo(f"deleted list {target}")

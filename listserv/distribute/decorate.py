@@ -114,13 +114,17 @@ def _list_id_value(headers: ListHeaders) -> str:
     description = headers.description.strip()
     if not description:
         return f"<{headers.list_id}>"
-    if description.isascii():
+    if description.isascii() and "=?" not in description:
         quoted = description.replace("\\", "\\\\").replace('"', '\\"')
         phrase = f'"{quoted}"'
     else:
-        # Encoded-words may not appear inside a quoted string (RFC 2047 §5), so no quotes.
-        phrase = Header(description, Charset("utf-8")).encode(linesep="\r\n")
-    return f"{phrase} <{headers.list_id}>"
+        # Encoded-words may not appear inside a quoted string (RFC 2047 §5), so no quotes;
+        # ASCII that looks like one is encoded too, or readers would decode it.
+        encoded = Header(description, Charset("utf-8"), header_name="List-Id")
+        phrase = encoded.encode(linesep="\r\n")
+    last = phrase.rpartition("\n")[2] if "\n" in phrase else f"List-Id: {phrase}"
+    fold = "\r\n " if len(last) + len(headers.list_id) + 3 > _MAX_LINE else " "
+    return f"{phrase}{fold}<{headers.list_id}>"
 
 
 def _fold_uris(name: str, mailto: str, headers: ListHeaders) -> str:
