@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import sqlalchemy as sa
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from conftest import make_list
@@ -343,3 +346,36 @@ def test_delete_without_posts_in_flight_needs_no_force(db: Database) -> None:
         assert lists.find(s, address) is None
         entry = s.scalar(sa.select(AuditEntry).where(AuditEntry.action == "list.delete"))
         assert entry is not None and entry.detail == ""
+
+
+def test_upgrade_turns_stored_u_label_domains_into_a_labels(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    db = Database(f"sqlite:///{path}")
+    cfg = db._alembic_config()
+    with db.engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0003")
+        conn.exec_driver_sql(
+            "INSERT INTO mailing_lists (id, local_part, domain, posting_policy, delivery_mode,"
+            " subject_prefix, description, footer, created_at) VALUES"
+            " (1, 'staff', 'bücher.example', 'members', 'shared', '', '', '', '2026-01-01')"
+        )
+        for mid, address in enumerate(
+            ["ann@bücher.example", "ann@xn--bcher-kva.example", "bob@zoë.example"], 1
+        ):
+            conn.exec_driver_sql(
+                "INSERT INTO members (id, list_id, address, display_name, role,"
+                f" delivery_status, created_at) VALUES ({mid}, 1, '{address}', '', 'member',"
+                " 'enabled', '2026-01-01')"
+            )
+    db.dispose()
+    db = Database(f"sqlite:///{path}")
+    db.upgrade()
+    with db.reading() as s:
+        mlist = lists.find(s, "staff@bücher.example")
+        assert mlist is not None and mlist.domain == "xn--bcher-kva.example"
+        assert sorted(m.address for m in members.roster(s, mlist)) == [
+            "ann@xn--bcher-kva.example",
+            "bob@xn--zo-ija.example",
+        ]
+    db.dispose()
