@@ -8,6 +8,7 @@ import logging
 import subprocess
 import sys
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from test_e2e import MEMBERS, SENDER, post_state, post_text, send, wait_until
 from listserv import lists
 from listserv.db import Database
 from listserv.distribute import dkim, status
+from listserv.distribute.liveness import Liveness
 from listserv.models import (
     BatchState,
     Delivery,
@@ -356,3 +358,36 @@ async def test_a_post_to_two_lists_reaches_a_member_of_both_once(
         "b@x.example",
         "both@x.example",
     ]
+
+
+async def test_a_batch_taken_over_by_another_worker_is_no_longer_sent(
+    db: Database, sink: Sink, daemon_factory: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    many = [f"m{i:02d}@one.example" for i in range(30)]  # one personalized batch
+    make_list(db, members_=many, senders=[SENDER], delivery_mode="personalized")
+    sink.delay("DATA", 0.1, times=-1)
+    caplog.set_level(logging.WARNING, logger="listserv")
+    daemon = await daemon_factory(delivery__max_connections=1, delivery__lease_seconds=0.9)
+    await send(daemon.port, post_text())
+    await sink.wait_for_messages(3)
+    thief = Liveness(db)  # a live worker, as far as liveness checks can tell
+    thief.hold("otherhost:1:thief")
+    with db.session() as s:  # another worker's claim, as after an expired lease
+        s.execute(
+            sa.update(DeliveryBatch)
+            .where(DeliveryBatch.state == BatchState.LEASED)
+            .values(
+                lease_owner="otherhost:1:thief",
+                claim_token="stolen",
+                lease_expires_at=datetime.now(UTC) + timedelta(hours=1),
+            )
+        )
+    await wait_until(lambda: any("taken over" in r.getMessage() for r in caplog.records))
+    stopped_at = sink.accepted_messages
+    await asyncio.sleep(1.0)  # ten more messages' worth of time
+    assert sink.accepted_messages <= stopped_at + 1  # at most the one in flight
+    assert sink.accepted_messages < len(many)
+    with db.reading() as s:
+        batch = s.scalars(sa.select(DeliveryBatch)).one()
+    assert batch.lease_owner == "otherhost:1:thief"  # nothing of ours overwrote the thief's
+    thief.close()
