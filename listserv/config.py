@@ -66,6 +66,7 @@ class DeliverySettings:
     retry_give_up_after: float = 5 * 24 * 3600.0
     lease_seconds: float = 300.0
     poll_interval: float = 1.0
+    workers: int = 0  # delivery processes beside the listener (0: in its own process)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -212,6 +213,8 @@ def _validate(s: Settings) -> None:
     positive("delivery", "timeout", s.delivery.timeout)
     positive("delivery", "lease_seconds", s.delivery.lease_seconds)
     positive("delivery", "poll_interval", s.delivery.poll_interval)
+    if not 0 <= s.delivery.workers <= 64:
+        raise ConfigError(f"{s.source}: [delivery] workers: must be 0..64")
     positive("delivery", "retry_factor", s.delivery.retry_factor)
     if s.delivery.retry_initial < 0:
         raise ConfigError(f"{s.source}: [delivery] retry_initial: must not be negative")

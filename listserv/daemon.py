@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import sys
+from typing import Literal
 
 from aiohttp import web
 
@@ -23,6 +25,7 @@ from listserv.distribute import scheduler
 from listserv.distribute.engine import DeliveryEngine
 from listserv.distribute.liveness import Liveness, worker_id
 from listserv.smtp_in.server import InboundServer
+from listserv.workers import WorkerPool
 
 log = logging.getLogger("listserv.daemon")
 
@@ -31,8 +34,22 @@ INBOUND_DRAIN = 30.0
 
 
 class Daemon:
-    def __init__(self, settings: Settings, db: Database | None = None) -> None:
+    """role "all": one process does everything; "front": SMTP, HTTP and scheduler,
+    with `workers` (a WorkerPool) delivering; "delivery": a worker of such a pool."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database | None = None,
+        *,
+        role: Literal["all", "front", "delivery"] = "all",
+        workers: WorkerPool | None = None,
+    ) -> None:
+        if (role == "front") != (workers is not None):
+            raise ValueError("a front daemon, and only it, has a worker pool")
         self.settings = settings
+        self.role = role
+        self.workers = workers
         self.db = db or Database(settings.database.url, echo=settings.database.echo)
         self.ready = asyncio.Event()
         self.smtp_port: int = 0
@@ -59,6 +76,10 @@ class Daemon:
     async def _run(self, liveness: Liveness) -> None:
         s = self.settings
         engine = DeliveryEngine(self.db, s, worker=self.worker, liveness=liveness, stop=self._stop)
+        if self.role == "delivery":
+            await self._deliver_only(engine)
+            return
+        on_queued = engine.wake if self.workers is None else self.workers.wake
         server = await InboundServer.start(self.db, s.server, on_accepted=self._posts_waiting.set)
         runner: web.AppRunner | None = None
         try:
@@ -78,7 +99,9 @@ class Daemon:
                 s.delivery.host,
                 s.delivery.port,
                 s.delivery.max_connections,
-                self.worker,
+                self.worker
+                if self.workers is None
+                else f"in {self.workers.count} delivery processes",
             )
             async with asyncio.TaskGroup() as group:
                 group.create_task(
@@ -87,10 +110,13 @@ class Daemon:
                         s,
                         wake=self._posts_waiting,
                         stop=self._stop,
-                        on_queued=engine.wake,
+                        on_queued=on_queued,
                     )
                 )
-                group.create_task(engine.run())
+                if self.workers is None:
+                    group.create_task(engine.run())
+                else:
+                    group.create_task(self.workers.run(self._stop))
                 self.ready.set()
                 await self._stop.wait()
                 log.info("shutting down: no new mail accepted, finishing what is in hand")
@@ -100,3 +126,29 @@ class Daemon:
             await server.drain(INBOUND_DRAIN)
             if runner is not None:
                 await runner.cleanup()
+
+    async def _deliver_only(self, engine: DeliveryEngine) -> None:
+        """A worker of `serve --workers N`: its front wakes it through stdin."""
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), sys.stdin
+        )
+
+        async def listen() -> None:
+            while await reader.read(512):
+                engine.wake()
+            log.info("the front process is gone: stopping")
+            self.stop()
+
+        log.info("delivery worker %s: delivering via %s:%d", self.worker, *self._smarthost())
+        listener = asyncio.create_task(listen())
+        self.ready.set()
+        try:
+            await engine.run()
+        finally:
+            listener.cancel()
+            transport.close()
+
+    def _smarthost(self) -> tuple[str, int]:
+        return self.settings.delivery.host, self.settings.delivery.port

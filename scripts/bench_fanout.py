@@ -14,7 +14,11 @@ and prints:
 
 It asserts nothing; it prints figures. Everything runs on 127.0.0.1.
 
-    python scripts/bench_fanout.py --members 10000 [--mode shared|personalized]
+    python scripts/bench_fanout.py --members 10000 [--mode shared|personalized] [--workers K]
+
+With --workers K the daemon delivers in K processes (`serve --workers K`), the
+peak RSS is given per process, and the bare loop runs in K processes too, so
+the ratio compares like with like.
 """
 
 from __future__ import annotations
@@ -147,6 +151,40 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def bare_loops(
+    port: int, rcpts: list[str], message: bytes, connections: int, processes: int
+) -> float:
+    """The bare loop in `processes` processes, each with its share of the recipients."""
+    if processes <= 1:
+        return asyncio.run(bare_loop(port, rcpts, message, connections))
+    import multiprocessing
+
+    shares = [rcpts[i::processes] for i in range(processes)]
+    ctx = multiprocessing.get_context("fork")
+    start = time.perf_counter()
+    with ctx.Pool(processes) as pool:
+        pool.starmap(_bare_share, [(port, share, message, connections) for share in shares])
+    return time.perf_counter() - start
+
+
+def _bare_share(port: int, rcpts: list[str], message: bytes, connections: int) -> float:
+    return asyncio.run(bare_loop(port, rcpts, message, connections))
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its children (the delivery workers)."""
+    pids = [pid]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                pids.append(int(entry.name))
+    return pids
+
+
 async def bare_loop(port: int, rcpts: list[str], message: bytes, connections: int) -> float:
     """The yardstick: aiosmtplib alone, 500 recipients per transaction."""
     import aiosmtplib
@@ -175,6 +213,9 @@ def main() -> None:
     parser.add_argument("--mode", choices=("shared", "personalized"), default="shared")
     parser.add_argument("--domains", type=int, default=200, help="spread members over this many")
     parser.add_argument("--connections", type=int, default=4)
+    parser.add_argument(
+        "--workers", type=int, default=0, help="delivery processes (serve --workers K)"
+    )
     parser.add_argument("--batch", type=int, default=500, help="max recipients per transaction")
     parser.add_argument("--size", type=int, default=4000, help="body size in bytes")
     parser.add_argument(
@@ -227,8 +268,11 @@ def main() -> None:
         run([*LISTSERV, "members", "import", LIST, str(csv_path)], env)
         import_s = time.perf_counter() - started
 
-        daemon = subprocess.Popen([*LISTSERV, "serve"], env=env)
+        serve = [*LISTSERV, "serve"] + (["--workers", str(args.workers)] if args.workers else [])
+        daemon = subprocess.Popen(serve, env=env)
         wait_port(smtp_port, daemon)
+        while args.workers and len(process_tree(daemon.pid)) < args.workers + 1:
+            time.sleep(0.05)
         message = post_message(args.size)
         with smtplib.SMTP("127.0.0.1", smtp_port, timeout=60) as client:
             client.ehlo()
@@ -255,7 +299,7 @@ def main() -> None:
             if state in (PostState.SENT, PostState.FAILED) or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
-        rss = peak_rss_mib(daemon.pid)
+        rss = [peak_rss_mib(pid) for pid in process_tree(daemon.pid)]
         counts = sink.finish()
         db.dispose()
     finally:
@@ -282,15 +326,16 @@ def main() -> None:
     print(f"received at sink:   {arrived}")
     print(f"250 -> last rcpt:   {elapsed:.2f} s")
     print(f"throughput:         {args.members / elapsed:,.0f} recipients/s")
-    print(f"daemon peak RSS:    {rss:.1f} MiB")
+    print(f"daemon peak RSS:    {', '.join(f'{r:.1f}' for r in rss)} MiB (per process)")
     if not args.no_baseline:
+        procs = max(1, args.workers)
         base_sink = SinkProcess(work, kind)
-        seconds = asyncio.run(bare_loop(base_sink.port, rcpts, message, args.connections))
+        seconds = bare_loops(base_sink.port, rcpts, message, args.connections, procs)
         base_sink.finish()
         print(
             f"bare aiosmtplib:    {seconds:.2f} s ({args.members / seconds:,.0f} recipients/s, "
-            f"{args.connections} connections, 500 per transaction); listserv reaches "
-            f"{seconds / elapsed:.0%} of it"
+            f"{procs} process(es) x {args.connections} connections, 500 per transaction);"
+            f" listserv reaches {seconds / elapsed:.2f} x of it"
         )
     if args.keep:
         print(f"work directory:     {work}")

@@ -62,9 +62,13 @@ async def wait_until_sent(db_url: str, timeout: float = 30) -> None:
         db.dispose()
 
 
+def serve_args(config: Path) -> list[str]:
+    return [sys.executable, "-m", "listserv.cli", "--config", str(config), "serve"]
+
+
 def serve(config: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "listserv.cli", "--config", str(config), "serve"],
+        serve_args(config),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )

@@ -6,13 +6,16 @@ import asyncio
 import dataclasses
 import logging
 import signal
+import sys
 
 import click
 
 from listserv.cli.app import App, pass_app
 from listserv.daemon import Daemon
+from listserv.workers import WorkerPool
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_FORMAT_PID = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 
 
 @click.command()
@@ -43,14 +46,26 @@ def init(app: App) -> None:
     default=None,
     help="Listen on this SMTP port instead of [server] port (0: any free port).",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(0, 64),
+    default=None,
+    help="Deliver in this many worker processes beside the SMTP listener, instead of"
+    " [delivery] workers (0: in the listener's own process).",
+)
+@click.option("--delivery-only", is_flag=True, hidden=True)
 @pass_app
-def serve(app: App, host: str | None, port: int | None) -> None:
+def serve(
+    app: App, host: str | None, port: int | None, workers: int | None, delivery_only: bool
+) -> None:
     """Run the daemon (SMTP in, delivery, HTTP).
 
     One process runs the SMTP listener, the post scheduler, the delivery
-    workers and the HTTP endpoint; logs go to stderr. SIGTERM or SIGINT stops
-    it gracefully: no new mail is accepted, and the batches in hand are
-    finished or handed back (exit 0).
+    workers and the HTTP endpoint; logs go to stderr. With --workers N, N
+    processes beside it deliver (one Python process uses one core), each line
+    of the log then naming its process. SIGTERM or SIGINT stops it gracefully:
+    no new mail is accepted, and the batches in hand are finished or handed
+    back (exit 0).
 
     The SMTP listener belongs behind an MTA (e.g. Postfix relaying the list
     domains to it): keep it on loopback and a high port, not port 25 on all
@@ -69,19 +84,42 @@ def serve(app: App, host: str | None, port: int | None) -> None:
             port=settings.server.port if port is None else port,
         )
         settings = dataclasses.replace(settings, server=server)
+    count = settings.delivery.workers if workers is None else workers
     level = logging.DEBUG if app.debug else settings.logging.level.upper()
-    logging.basicConfig(format=LOG_FORMAT, level=level, force=True)
+    several = count > 0 or delivery_only
+    logging.basicConfig(format=LOG_FORMAT_PID if several else LOG_FORMAT, level=level, force=True)
     if not app.debug:  # alembic logs two INFO lines each time the schema revision is read
         logging.getLogger("alembic").setLevel(logging.WARNING)
         # aiosmtpd logs every command at INFO: 3.5 MB for 50,000 NOOPs.
         logging.getLogger("mail.log").setLevel(logging.WARNING)
-    daemon = Daemon(settings, app.db)
+    if delivery_only:
+        daemon = Daemon(settings, app.db, role="delivery")
+    elif count:
+        pool = WorkerPool(
+            _worker_argv(app),
+            count,
+            # a worker's own stop: the engine's two waits of [delivery] timeout, and more
+            stop_timeout=2 * settings.delivery.timeout + 45,
+        )
+        daemon = Daemon(settings, app.db, role="front", workers=pool)
+    else:
+        daemon = Daemon(settings, app.db)
     try:
         asyncio.run(_run(daemon))
     except OSError as exc:  # the listener could not bind: in use, not ours, no permission
         if app.debug:
             raise
         raise click.ClickException(f"cannot start: {exc.strerror or exc}") from exc
+
+
+def _worker_argv(app: App) -> list[str]:
+    """The command line of a delivery worker: this listserv, the same configuration."""
+    argv = [sys.executable, "-m", "listserv.cli"]
+    if app.config_path is not None:
+        argv += ["--config", str(app.config_path)]
+    if app.debug:
+        argv.append("--debug")
+    return [*argv, "serve", "--delivery-only"]
 
 
 async def _run(daemon: Daemon) -> None:
