@@ -67,6 +67,7 @@ class DeliverySettings:
     lease_seconds: float = 300.0
     poll_interval: float = 1.0
     workers: int = 0  # delivery processes beside the listener (0: in its own process)
+    mix_domains: bool = False  # batches across domains: the smarthost is an MTA
 
 
 @dataclass(frozen=True, kw_only=True)

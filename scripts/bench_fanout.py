@@ -216,6 +216,9 @@ def main() -> None:
     parser.add_argument(
         "--workers", type=int, default=0, help="delivery processes (serve --workers K)"
     )
+    parser.add_argument(
+        "--mix-domains", action="store_true", help="[delivery] mix_domains: batches across domains"
+    )
     parser.add_argument("--batch", type=int, default=500, help="max recipients per transaction")
     parser.add_argument("--size", type=int, default=4000, help="body size in bytes")
     parser.add_argument(
@@ -249,6 +252,7 @@ def main() -> None:
         f'[delivery]\nhost = "127.0.0.1"\nport = {sink.port}\n'
         f"max_connections = {args.connections}\nmax_recipients_per_message = {args.batch}\n"
         "poll_interval = 0.5\n"
+        f"mix_domains = {'true' if args.mix_domains else 'false'}\n"
         f'[dkim]\nkeys_dir = "{work}/dkim"\n'
         "[http]\nenabled = false\n"
         '[logging]\nlevel = "WARNING"\n'

@@ -396,3 +396,34 @@ def test_upgrade_from_0001_keeps_every_row_and_stops_reusing_ids(tmp_path: Path)
         queued = posts.queued_post(s, 1)
     assert queued is not None and queued.delivery_mode is DeliveryMode.PERSONALIZED
     db.dispose()
+
+
+def test_mixed_domain_batches_are_filled_across_domains_in_domain_order(db: Database) -> None:
+    address = make_list(db)
+    addrs = [f"u{i}@d{i % 3}.example" for i in range(7)]  # d0: 3, d1: 2, d2: 2
+    with db.session() as s:
+        members.add(s, lists.get(s, address), addrs)
+    post_id = _accepted_post(db, address)
+    with db.session() as s:
+        post = posts.lock_accepted_post(s, post_id)
+        assert post is not None
+        n = posts.enqueue(
+            s,
+            post,
+            prepared=b"msg",
+            envelope_from="b@x.org",
+            delivery_mode=DeliveryMode.SHARED,
+            render=None,
+            addresses=posts.recipients(s, post.list_id),
+            max_per_batch=4,
+            mix_domains=True,
+        )
+    assert n == 2
+    with db.reading() as s:
+        rows = s.execute(
+            sa.select(Delivery.batch_id, Delivery.address).order_by(Delivery.batch_id, Delivery.id)
+        ).all()
+    first = [a for b, a in rows if b == rows[0][0]]
+    second = [a for b, a in rows if b != rows[0][0]]
+    assert [a.split("@")[1] for a in first] == ["d0.example"] * 3 + ["d1.example"]
+    assert [a.split("@")[1] for a in second] == ["d1.example", "d2.example", "d2.example"]

@@ -222,6 +222,7 @@ def queue_post(db: Database, settings: Settings, post_id: int) -> int | None:
             render=view.snapshot(),
             addresses=rcpts,
             max_per_batch=settings.delivery.max_recipients_per_message,
+            mix_domains=settings.delivery.mix_domains,
         )
     if audience is Audience.OWNERS and not rcpts:
         log.warning("post %d: %s has no owners to forward to (kept)", post_id, view.address())
