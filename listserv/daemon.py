@@ -22,6 +22,7 @@ from listserv.db import Database
 from listserv.distribute import scheduler
 from listserv.distribute.engine import DeliveryEngine
 from listserv.distribute.liveness import Liveness, worker_id
+from listserv.moderation import task as moderation
 from listserv.smtp_in.server import InboundServer
 
 log = logging.getLogger("listserv.daemon")
@@ -91,6 +92,10 @@ class Daemon:
                     )
                 )
                 group.create_task(engine.run())
+                # holds: announce, read moderators' replies, expire, remind
+                group.create_task(
+                    moderation.run(self.db, s, stop=self._stop, on_queued=self._posts_waiting.set)
+                )
                 self.ready.set()
                 await self._stop.wait()
                 log.info("shutting down: no new mail accepted, finishing what is in hand")
