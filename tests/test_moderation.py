@@ -177,7 +177,7 @@ def body(msg: EmailMessage) -> str:
     assert part is not None
     content = part.get_content()
     assert isinstance(content, str)
-    return content
+    return content.replace("\r\n", "\n")
 
 
 def announced(db: Database, now: datetime = T0) -> int:
@@ -264,6 +264,8 @@ def test_two_racing_consumers_of_one_token_exactly_one_wins(db: Database) -> Non
         ("reject", Verdict(Verb.REJECT)),
         ("reject Off  topic here", Verdict(Verb.REJECT, reason="Off topic here")),
         ("Reject: spam", Verdict(Verb.REJECT, reason="spam")),
+        ("Reject.", Verdict(Verb.REJECT)),
+        ("reject Not here.", Verdict(Verb.REJECT, reason="Not here.")),
         ("discard", Verdict(Verb.DISCARD)),
         ("I approve of this", None),
         ("approvee", None),

@@ -72,7 +72,8 @@ def parse(line: str, tz: tzinfo = SITE_TZ) -> Verdict | None:
     if m := _APPROVE.match(text):
         when = m.group("when")
         return Verdict(Verb.APPROVE, at=parse_when(when, tz) if when else None)
-    if m := _REJECT.match(text):
+    # the reason keeps its final full stop
+    if m := _REJECT.match(line.strip()) or _REJECT.match(text):
         return Verdict(Verb.REJECT, reason=" ".join((m.group("reason") or "").split())[:500])
     if _DISCARD.match(text):
         return Verdict(Verb.DISCARD)
