@@ -580,6 +580,48 @@ def test_deciding_twice_fails_with_not_held(db: Database) -> None:
     assert post_of(db, post_id).state is PostState.ACCEPTED
 
 
+def test_two_racing_replies_decide_once_and_the_loser_is_told(db: Database) -> None:
+    setup_list(db)
+    post_id = hold_post(db)
+    announced(db)
+    address = reply_address(db)
+    ids = [store_reply(db, address, "approve\n"), store_reply(db, address, "discard\n")]
+    barrier = threading.Barrier(2)
+
+    def process(inbound_id: int) -> None:
+        barrier.wait()
+        with db.session() as s:
+            replies.process(s, inbound_id, now=T0 + timedelta(hours=1))
+
+    threads = [threading.Thread(target=process, args=(i,)) for i in ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    state = post_of(db, post_id).state
+    assert state in (PostState.ACCEPTED, PostState.DISCARDED)
+    subjects = [str(m["Subject"]) for m in notices_to(db, MODERATOR)[1:]]
+    assert sorted(s.split(":")[0] for s in subjects) == [
+        "Done",
+        f"Your reply to {LIST} was not carried out",
+    ]
+    assert all(inbound_state(db, i) is InboundState.DONE for i in ids)
+
+
+def test_held_posts_lists_waiting_posts_with_their_size(db: Database) -> None:
+    setup_list(db)
+    first = hold_post(db, subject="One")
+    second = hold_post(db, subject="Two")
+    with db.session() as s:
+        holds.decide(s, second, Verdict(Verb.APPROVE), actor="cli", now=T0)
+    with db.reading() as s:
+        [held] = holds.held_posts(s, LIST)
+        assert holds.held_posts(s) == [held]
+        raw = holds.raw_of(s, holds.get_post(s, first))
+    assert (held.id, held.subject, held.list_address) == (first, "One", LIST)
+    assert held.size == len(raw) and b"Subject: One" in raw
+
+
 # -- expiry and reminders ----------------------------------------------------
 
 
