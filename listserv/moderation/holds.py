@@ -228,6 +228,15 @@ def announce_post(session: Session, post: Post, *, now: datetime) -> None:
         expires_at=expiry,
     )
     reply_address = addresses.build(mlist.local_part, mlist.domain, Kind.CONFIRM, token)
+    if len(reply_address.rpartition("@")[0]) > addresses.MAX_LOCAL:
+        # RFC 5321 4.5.3.1.1: intake refuses such a local part, so replies cannot arrive
+        log.warning(
+            "post %d to %s: the list name is too long for a reply address (%s);"
+            " decide with `listserv held`",
+            post.id,
+            mlist.address,
+            reply_address,
+        )
     values = _values(session, mlist, post, raw)
     values.update(reply_address=reply_address, expires=_when(expiry))
     to = moderators(session, mlist)
