@@ -24,6 +24,7 @@ from listserv.db import Database
 from listserv.distribute import scheduler
 from listserv.distribute.engine import DeliveryEngine
 from listserv.distribute.liveness import Liveness, worker_id
+from listserv.moderation import task as moderation
 from listserv.smtp_in.server import InboundServer
 from listserv.workers import WorkerPool
 
@@ -117,6 +118,10 @@ class Daemon:
                     group.create_task(engine.run())
                 else:
                     group.create_task(self.workers.run(self._stop))
+                # holds: announce, read moderators' replies, expire, remind
+                group.create_task(
+                    moderation.run(self.db, s, stop=self._stop, on_queued=self._posts_waiting.set)
+                )
                 self.ready.set()
                 await self._stop.wait()
                 log.info("shutting down: no new mail accepted, finishing what is in hand")

@@ -49,8 +49,22 @@ class QueuedPost:
     render: dict[str, Any] | None
 
 
-def accepted_posts(session: Session, limit: int = 20) -> list[int]:
-    stmt = sa.select(Post.id).where(Post.state == PostState.ACCEPTED).order_by(Post.id).limit(limit)
+def accepted_posts(session: Session, limit: int = 20, *, now: datetime | None = None) -> list[int]:
+    """Accepted posts due for queueing: a post approved "at" a later time waits for it.
+
+    `now` defaults to the database's clock (the one `not_before` is compared with
+    by every daemon sharing the queue).
+    """
+    now = db_now(session) if now is None else now
+    stmt = (
+        sa.select(Post.id)
+        .where(
+            Post.state == PostState.ACCEPTED,
+            sa.or_(Post.not_before.is_(None), Post.not_before <= now),
+        )
+        .order_by(Post.id)
+        .limit(limit)
+    )
     return list(session.scalars(stmt))
 
 

@@ -1,0 +1,190 @@
+"""Moderators' replies: stored ``confirm`` mail (NAME-confirm+TOKEN@), read and carried out.
+
+Intake stores the mail (kind ``confirm``, state ``pending``) before it answers
+250; this module works through those rows, old and new. A row is claimed by a
+conditional UPDATE to ``done`` in the same transaction as its effects, so two
+daemons never carry out one reply twice, and a crash before the commit leaves
+it pending for the next round. A row that cannot be processed (its list is
+gone, an unexpected error) becomes ``failed`` with the reason in a log line.
+
+A reply is carried out only when every check passes; anything else changes
+nothing and gets one short answer saying why (never to automatic mail, RFC 3834).
+The checks run in an order that tells a stranger nothing about a token's state:
+token known for this list, then the sender's role, then the post, expiry, reuse.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from email.message import EmailMessage
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from listserv import addresses, lists, mail, notices, tokens
+from listserv.addresses import Kind
+from listserv.db import Database
+from listserv.errors import InvalidInput
+from listserv.models import InboundMessage, InboundState, MailingList, PostState, TokenKind
+from listserv.moderation import holds, verdicts
+
+log = logging.getLogger("listserv.moderation")
+
+#: inbound rows read per round
+BATCH = 50
+
+
+def _reply_authenticated(raw: bytes, msg: EmailMessage, mlist: MailingList) -> bool:
+    """Whether the reply may decide on a list that requires authenticated senders.
+
+    MERGE HOOK: returns True unless the list has require_authenticated_sender; for
+    such a list it returns False until `listserv.pipeline.auth.authenticated_domains`
+    (the sender-authentication branch) is wired in here, e.g. the reply's From: domain
+    must be among authenticated_domains(raw, msg, settings=..., resolver=...).
+    """
+    return not mlist.require_authenticated_sender
+
+
+def process_pending(db: Database, *, now: datetime) -> int:
+    """Process stored confirm mail, oldest first; returns the number of notices queued."""
+    with db.reading() as session:
+        ids = list(
+            session.scalars(
+                sa.select(InboundMessage.id)
+                .where(
+                    InboundMessage.kind == Kind.CONFIRM.value,
+                    InboundMessage.state == InboundState.PENDING,
+                )
+                .order_by(InboundMessage.id)
+                .limit(BATCH)
+            )
+        )
+    queued = 0
+    for inbound_id in ids:
+        try:
+            with db.session() as session:
+                queued += process(session, inbound_id, now=now)
+        except Exception as exc:
+            log.exception("inbound %d: confirm mail could not be processed", inbound_id)
+            with db.session() as session:
+                _mark_failed(session, inbound_id, f"unexpected {type(exc).__name__}: {exc}")
+    return queued
+
+
+def process(session: Session, inbound_id: int, *, now: datetime) -> int:
+    """Claim and process one stored confirm mail; returns the number of notices queued."""
+    claimed = session.execute(
+        sa.update(InboundMessage)
+        .where(InboundMessage.id == inbound_id, InboundMessage.state == InboundState.PENDING)
+        .values(state=InboundState.DONE)
+        .execution_options(synchronize_session=False)
+    )
+    if claimed.rowcount != 1:  # type: ignore[attr-defined]
+        return 0  # another daemon has it
+    inbound = session.get_one(InboundMessage, inbound_id)
+    session.refresh(inbound)
+    msg = mail.parse(inbound.raw)
+    queued = 0
+    for rcpt in dict.fromkeys(inbound.rcpt_tos):
+        queued += _process_one(session, inbound, msg, rcpt, now=now)
+    return queued
+
+
+def _process_one(
+    session: Session, inbound: InboundMessage, msg: EmailMessage, rcpt: str, *, now: datetime
+) -> int:
+    target = next((c for c in addresses.candidates(rcpt) if c.kind is Kind.CONFIRM), None)
+    mlist = lists.find(session, target.list_address) if target is not None else None
+    if target is None or mlist is None:
+        _mark_failed(session, inbound.id, f"{rcpt}: no such list (deleted?)")
+        return 0
+    sender = inbound.mail_from
+    if not notices.may_answer(sender, msg):
+        # An autoresponder answering the notice: robots neither moderate nor get answers.
+        log.info(
+            "inbound %d: automatic mail from %r to %s ignored (RFC 3834)", inbound.id, sender, rcpt
+        )
+        return 0
+
+    def refuse(problem: str) -> int:
+        log.info(
+            "inbound %d: reply from %s to %s not carried out: %s",
+            inbound.id,
+            sender,
+            mlist.address,
+            problem,
+            extra={"event": "moderation_refused", "inbound_id": inbound.id},
+        )
+        holds.reply(
+            session,
+            mlist,
+            "moderation_refused",
+            to=sender,
+            in_reply_to=mail.header(msg, "Message-ID"),
+            address=rcpt,
+            problem=problem,
+            owner=addresses.build(mlist.local_part, mlist.domain, Kind.OWNER),
+        )
+        return 1
+
+    token = tokens.look_up(session, target.token or "", TokenKind.MODERATION)
+    if token is None or token.list_id != mlist.id or token.post_id is None:
+        return refuse("the address does not belong to any held post of this list")
+    candidates = [sender, *mail.addresses(msg, "From")]
+    actor = holds.moderator_among(session, mlist, candidates)
+    if actor is None:
+        return refuse(f"{sender} is not a moderator or owner of {mlist.address}")
+    if not _reply_authenticated(inbound.raw, msg, mlist):
+        return refuse(f"{mlist.address} accepts decisions only from authenticated mail")
+    post = holds.get_post(session, token.post_id)
+    if post.state is not PostState.HELD:
+        return refuse(holds.not_held_text(post))
+    if tokens.is_expired(token, now):
+        return refuse("this notice's address has expired")
+    if token.used_at is not None:
+        return refuse("this notice's address was used already")
+    try:
+        verdict = verdicts.read(msg)
+    except InvalidInput as exc:
+        return refuse(str(exc))
+    if verdict is None:
+        line = verdicts.first_own_line(verdicts.body_text(msg)) or ""
+        return refuse(
+            "no decision found: the first line of your reply should say approve,"
+            f" approve at {verdicts.TIME_FORMAT}, reject REASON or discard"
+            + (f" (it says {line[:60]!r})" if line else "")
+        )
+    if not tokens.consume(session, token.id, now=now):
+        return refuse("this notice's address was used already")
+    try:
+        with session.begin_nested():
+            decided = holds.decide(session, post.id, verdict, actor=actor, now=now)
+    except holds.NotHeld as exc:
+        return refuse(str(exc))
+    holds.reply(
+        session,
+        mlist,
+        "moderation_done",
+        to=sender,
+        in_reply_to=mail.header(msg, "Message-ID"),
+        summary=decided.summary,
+        sender=decided.sender,
+        subject=decided.subject,
+    )
+    return 2 if decided.state is PostState.ACCEPTED else 1
+
+
+def _mark_failed(session: Session, inbound_id: int, reason: str) -> None:
+    session.execute(
+        sa.update(InboundMessage)
+        .where(InboundMessage.id == inbound_id)
+        .values(state=InboundState.FAILED)
+        .execution_options(synchronize_session=False)
+    )
+    log.warning(
+        "inbound %d: confirm mail failed: %s",
+        inbound_id,
+        reason,
+        extra={"event": "confirm_failed", "inbound_id": inbound_id},
+    )
