@@ -134,11 +134,12 @@ def test_held_reject_tells_the_sender_the_reason(run: Run, database: Database) -
     assert "Wrong list." in body(notices_to(database, SENDER)[-1])
 
 
-def test_held_discard_tells_nobody(run: Run, database: Database) -> None:
+def test_held_discard_tells_the_sender_only(run: Run, database: Database) -> None:
     post_id = hold_post(database, created_at=utcnow())
     ok(run("held", "discard", str(post_id)))
     assert post_of(database, post_id).state is PostState.DISCARDED
-    assert notices_to(database, SENDER) == []
+    [told] = notices_to(database, SENDER)
+    assert "was not distributed" in str(told["Subject"])
     assert notices_to(database, MODERATOR) == []
 
 

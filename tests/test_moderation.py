@@ -403,14 +403,16 @@ def test_a_reject_reply_rejects_and_tells_the_sender_the_reason(db: Database) ->
         assert post_id not in posts.accepted_posts(s, now=T0 + timedelta(days=1))
 
 
-def test_a_discard_reply_discards_without_telling_the_sender(db: Database) -> None:
+def test_a_discard_reply_discards_and_tells_the_sender(db: Database) -> None:
     setup_list(db)
     post_id = hold_post(db)
     announced(db)
     store_reply(db, reply_address(db), "discard\n")
     announced(db, T0 + timedelta(hours=1))
     assert post_of(db, post_id).state is PostState.DISCARDED
-    assert len(notices_to(db, SENDER)) == 1  # only "awaits approval"
+    told = notices_to(db, SENDER)
+    assert len(told) == 2  # "awaits approval", then the outcome
+    assert "was not distributed" in str(told[-1]["Subject"])
     assert "discarded" in str(notices_to(db, MODERATOR)[-1]["Subject"])
 
 

@@ -138,7 +138,7 @@ async def test_a_reject_reply_tells_the_sender_the_reason_and_nobody_gets_the_po
     assert not set(MEMBERS) & set(sink.recipients())
 
 
-async def test_a_discard_reply_sends_the_post_to_nobody_and_tells_the_sender_nothing(
+async def test_a_discard_reply_sends_the_post_to_nobody_and_tells_the_sender(
     db: Database, sink: Sink, daemon_factory: Any
 ) -> None:
     setup_list(db)
@@ -151,8 +151,10 @@ async def test_a_discard_reply_sends_the_post_to_nobody_and_tells_the_sender_not
     await wait_until(lambda: all_notices_sent(db))
     assert post_of(db, post_id).state is PostState.DISCARDED
     assert not set(MEMBERS) & set(sink.recipients())
+    await mail_for(sink, SENDER, "was not distributed")
     assert [str(m["Subject"]) for m in got(sink, SENDER, "")] == [
-        f"Your post to {LIST} awaits moderator approval: Spam"
+        f"Your post to {LIST} awaits moderator approval: Spam",
+        f"Your post to {LIST} was not distributed: Spam",
     ]
 
 

@@ -269,9 +269,10 @@ def decide(
     """Carry out a moderator's verdict on a held post (the e-mail reply and the CLI).
 
     approve: accepted (queued by the scheduler, not before `verdict.at` when that is
-    in the future); reject: the sender is told the reason; discard: nobody is told,
-    as it is meant for spam. Raises NotFound or NotHeld (decided already, maybe by a
-    racing reply).
+    in the future); reject: the sender is told the reason; discard: the sender is
+    told it was not distributed (the issue asks that the sender learn every outcome;
+    the usual automatic-answer rules still spare robots and forged empty senders).
+    Raises NotFound or NotHeld (decided already, maybe by a racing reply).
     """
     post = get_held(session, post_id)
     mlist = session.get_one(MailingList, post.list_id)
@@ -292,6 +293,7 @@ def decide(
         _tell_sender(session, mlist, post, raw, "rejected_sender", why=why, **values)
     else:
         summary = f"post {post.id} to {mlist.address} discarded"
+        _tell_sender(session, mlist, post, raw, "discarded_sender", **values)
     lists.audit(
         session,
         actor,
