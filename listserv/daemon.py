@@ -59,7 +59,9 @@ class Daemon:
     async def _run(self, liveness: Liveness) -> None:
         s = self.settings
         engine = DeliveryEngine(self.db, s, worker=self.worker, liveness=liveness, stop=self._stop)
-        server = await InboundServer.start(self.db, s.server, on_accepted=self._posts_waiting.set)
+        server = await InboundServer.start(
+            self.db, s.server, on_accepted=self._posts_waiting.set, policy=s.policy
+        )
         runner: web.AppRunner | None = None
         try:
             self.smtp_port = server.port

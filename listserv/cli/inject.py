@@ -47,7 +47,7 @@ def inject(app: App, address: str, file: BinaryIO, sender: str | None) -> None:
         content=raw,
         peer="listserv inject",
     )
-    outcome = intake.receive(app.db, envelope)
+    outcome = intake.receive(app.db, envelope, policy=app.settings.policy)
     if outcome.reply.code != 250:
         hint = ""
         if outcome.reply.enhanced == replies.UNDELIVERABLE.enhanced:
