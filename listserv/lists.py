@@ -307,8 +307,9 @@ def set_setting(
     try:
         parsed = setting.parse(value)
     except ValueError as exc:  # bare, or naming the part of the value that is wrong
-        detail = str(exc) or f"{value[:40]!r} is not valid"
-        raise InvalidInput(f"{key}: {detail}; allowed: {setting.allowed}") from None
+        if not str(exc):
+            raise InvalidInput(f"{key}: {value[:40]!r} is not {setting.allowed}") from None
+        raise InvalidInput(f"{key}: {exc}; allowed: {setting.allowed}") from None
     setattr(mlist, key, parsed)
     audit(session, actor, "list.set", mlist.address, f"{key}={setting.show(parsed)}")
 

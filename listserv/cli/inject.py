@@ -52,6 +52,11 @@ def inject(app: App, address: str, file: BinaryIO, sender: str | None) -> None:
         hint = ""
         if outcome.reply.enhanced == replies.UNDELIVERABLE.enhanced:
             hint = " (--sender sets only the envelope sender; the message needs its own From:)"
+        elif outcome.reply.enhanced == replies.NOT_ALLOWED.enhanced:
+            hint = (
+                " (--sender sets only the envelope sender, which never authorizes a post:"
+                " the From: or Sender: header must name someone allowed to post)"
+            )
         raise click.ClickException(f"{outcome.reply}{hint}")
     click.echo(str(outcome.reply))
     for target, state in outcome.posts.items():
