@@ -108,6 +108,10 @@ def test_every_from_address_must_be_allowed(db: Database) -> None:
     assert forged.reply is not None and (forged.reply.code, forged.reply.enhanced) == (550, "5.7.1")
     assert forged.reason.startswith("evil@ext.example may not post to staff@lists.example.org")
     assert BOSS not in forged.reason
+    # a display name that looks like an address is not an address
+    quoted = judge(db, post(f'"{BOSS}" <evil@ext.example>'))
+    assert quoted.action is Action.REJECT
+    assert quoted.reason.startswith("evil@ext.example may not post")
 
 
 def test_the_envelope_sender_alone_never_authorizes(db: Database) -> None:

@@ -126,6 +126,7 @@ def _receive(
 ) -> Outcome:
     msg = mail.parse(envelope.content)
     decisions: list[tuple[MailingList, PostContext, Decision]] = []
+    refusal: tuple[MailingList, PostContext, Decision] | None = None
     if targets.get(Kind.POST):
         authenticated = _authenticated(envelope, msg)
         with db.reading() as session:
@@ -146,16 +147,20 @@ def _receive(
                 )
                 decision = decide(ctx)
                 if decision.action is Action.REJECT:
-                    log.info(
-                        "rejected post to %s from %s (peer %s): %s",
-                        mlist.address,
-                        ctx.sender,
-                        envelope.peer,
-                        decision.reason,
-                    )
-                    _audit_refusal(db, mlist, ctx, decision, envelope)
-                    return Outcome(decision.reply or replies.NOT_ALLOWED)
+                    refusal = (mlist, ctx, decision)
+                    break
                 decisions.append((mlist, ctx, decision))
+    if refusal is not None:
+        mlist, ctx, decision = refusal
+        log.info(
+            "rejected post to %s from %s (peer %s): %s",
+            mlist.address,
+            ctx.sender,
+            envelope.peer,
+            decision.reason,
+        )
+        _audit_refusal(db, mlist, ctx, decision, envelope)
+        return Outcome(decision.reply or replies.NOT_ALLOWED)
 
     inbound_ids: list[int] = []
     pending_ids: list[int] = []
