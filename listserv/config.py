@@ -15,7 +15,9 @@ import os
 import tomllib
 import types
 import typing
+import zoneinfo
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +90,58 @@ class LoggingSettings:
     level: str = "INFO"
 
 
+#: a month and a day, as in a blackout window
+MonthDay = tuple[int, int]
+#: first and last day, both included; a window whose start is after its end wraps the year end
+Window = tuple[MonthDay, MonthDay]
+WINDOW_FORMAT = "MM-DD..MM-DD (e.g. 07-01..07-31, or 12-24..01-06 across the year end)"
+
+
+def parse_window(text: str) -> Window:
+    """One blackout window ``MM-DD..MM-DD``, or ValueError saying what is allowed."""
+    start, sep, end = text.strip().partition("..")
+    if not sep:
+        raise ValueError(f"{text.strip()!r} is not a window: expected {WINDOW_FORMAT}")
+    return _month_day(start, text), _month_day(end, text)
+
+
+def _month_day(part: str, text: str) -> MonthDay:
+    month, sep, day = part.strip().partition("-")
+    try:
+        if not (sep and len(month) == 2 and len(day) == 2 and (month + day).isdigit()):
+            raise ValueError
+        date(2000, int(month), int(day))  # a leap year: 02-29 is a day
+    except ValueError:
+        raise ValueError(f"{text.strip()!r} is not a window: expected {WINDOW_FORMAT}") from None
+    return int(month), int(day)
+
+
+def parse_windows(text: str) -> tuple[Window, ...]:
+    """Comma-separated windows (as `lists set ... blackout` takes them); empty: none."""
+    return tuple(parse_window(part) for part in text.split(",") if part.strip())
+
+
+def format_window(window: Window) -> str:
+    (m1, d1), (m2, d2) = window
+    return f"{m1:02d}-{d1:02d}..{m2:02d}-{d2:02d}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class PolicySettings:
+    """Site-wide posting policy: what every list obeys on top of its own settings."""
+
+    #: windows in which posts are held (see WINDOW_FORMAT), e.g. ["07-01..07-31"]
+    blackout: tuple[str, ...] = ()
+    #: the IANA time zone the windows' days are counted in
+    timezone: str = "UTC"
+
+    def windows(self) -> tuple[Window, ...]:
+        return tuple(parse_window(w) for w in self.blackout)
+
+    def zone(self) -> zoneinfo.ZoneInfo:
+        return zoneinfo.ZoneInfo(self.timezone)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
@@ -96,6 +150,7 @@ class Settings:
     dkim: DkimSettings = field(default_factory=DkimSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    policy: PolicySettings = field(default_factory=PolicySettings)
     source: str = "(defaults)"
 
     @property
@@ -172,10 +227,16 @@ def _from_env(raw: str, hint: Any, env_name: str) -> Any:
             return hint(raw)
         except ValueError:
             raise ConfigError(f"${env_name}: expected a number, got {raw!r}") from None
+    if typing.get_origin(hint) is tuple:
+        return [part.strip() for part in raw.split(",") if part.strip()]
     return raw
 
 
 def _check(value: Any, hint: Any, where: str) -> Any:
+    if typing.get_origin(hint) is tuple:  # tuple[str, ...]: a TOML array of strings
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: expected an array of strings, got {value!r}")
+        return tuple(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     expected = hint if isinstance(hint, type) else None
@@ -225,5 +286,17 @@ def _validate(s: Settings) -> None:
         )
     if not s.database.url:
         raise ConfigError(f"{s.source}: [database] url: must not be empty")
+    for window in s.policy.blackout:
+        try:
+            parse_window(window)
+        except ValueError as exc:
+            raise ConfigError(f"{s.source}: [policy] blackout: {exc}") from None
+    try:
+        s.policy.zone()
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+        raise ConfigError(
+            f"{s.source}: [policy] timezone: {s.policy.timezone!r} is not an IANA time zone"
+            " name (e.g. UTC, Europe/Berlin, America/New_York)"
+        ) from None
     if s.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"{s.source}: [logging] level: one of DEBUG, INFO, WARNING, ERROR")

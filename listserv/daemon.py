@@ -81,7 +81,9 @@ class Daemon:
             await self._deliver_only(engine)
             return
         on_queued = engine.wake if self.workers is None else self.workers.wake
-        server = await InboundServer.start(self.db, s.server, on_accepted=self._posts_waiting.set)
+        server = await InboundServer.start(
+            self.db, s.server, on_accepted=self._posts_waiting.set, policy=s.policy
+        )
         runner: web.AppRunner | None = None
         try:
             self.smtp_port = server.port

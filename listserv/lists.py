@@ -7,25 +7,30 @@ one would inject headers into every later post, or make each fail after 250.
 
 from __future__ import annotations
 
+import enum
 import logging
+import re
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from listserv import addresses
+from listserv import addresses, config
 from listserv.distribute import posts as queued
 from listserv.errors import AlreadyExists, InvalidAddress, InvalidInput, NotFound
 from listserv.models import (
     Audience,
     AuditEntry,
+    ContentFilter,
     Delivery,
     DeliveryMode,
+    LinkPolicy,
     MailingList,
     Member,
+    NonmemberAction,
     Post,
     PostingPolicy,
     PostState,
@@ -35,13 +40,143 @@ from listserv.models import (
 
 log = logging.getLogger("listserv.lists")
 
-#: Settings `lists set` may change, with their parser.
-SETTINGS: dict[str, type[Any]] = {
-    "posting_policy": PostingPolicy,
-    "delivery_mode": DeliveryMode,
-    "subject_prefix": str,
-    "description": str,
-    "footer": str,
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One setting `lists set` may change: how a value is read and shown."""
+
+    #: the stored value for the text given, or ValueError saying what is wrong
+    parse: Callable[[str], Any]
+    #: what is allowed, for the one-line error
+    allowed: str
+    show: Callable[[Any], str] = str
+
+
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+#: RFC 2045 5.1 token characters, lower-cased
+_MIME_TYPE = re.compile(r"[a-z0-9!#$&^_.+-]+/(?:[a-z0-9!#$&^_.+-]+|\*)")
+_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+
+
+def _enum(kind: type[enum.StrEnum]) -> Setting:
+    def parse(text: str) -> Any:
+        try:
+            return kind(text.strip().lower())
+        except ValueError:
+            raise ValueError from None
+
+    return Setting(parse, f"one of {', '.join(m.value for m in kind)}", lambda v: v.value)
+
+
+def _boolean(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError
+
+
+def _whole(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise ValueError from None
+        if not low <= value <= high:
+            raise ValueError
+        return value
+
+    return parse
+
+
+def _nonmember(text: str) -> NonmemberAction | None:
+    lowered = text.strip().lower()
+    if lowered in ("", "default"):
+        return None
+    try:
+        return NonmemberAction(lowered)
+    except ValueError:
+        raise ValueError from None
+
+
+def _mime_types(text: str) -> str:
+    kinds = [t.strip().lower() for t in text.split(",") if t.strip()]
+    for kind in kinds:
+        if not _MIME_TYPE.fullmatch(kind):
+            raise ValueError(f"{kind[:40]!r} is not a MIME type")
+    return ",".join(dict.fromkeys(kinds))
+
+
+def _windows(text: str) -> str:
+    windows: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            windows.append(config.format_window(config.parse_window(part)))
+        except ValueError:
+            raise ValueError(f"{part[:40]!r} is not a window") from None
+    return ",".join(dict.fromkeys(windows))
+
+
+def _hosts(text: str) -> str:
+    hosts: list[str] = []
+    for raw in (h.strip().lower().rstrip(".") for h in text.split(",")):
+        if not raw:
+            continue
+        try:
+            host = raw.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise ValueError(f"{raw[:40]!r} is not a host name") from None
+        if len(host) > 253 or not all(_LABEL.fullmatch(label) for label in host.split(".")):
+            raise ValueError(f"{raw[:40]!r} is not a host name")
+        hosts.append(host)
+    return ",".join(dict.fromkeys(hosts))
+
+
+def _text(key: str) -> Setting:
+    return Setting(lambda value: check_text(key, value), "text")
+
+
+def _yes_no(value: bool) -> str:
+    return "true" if value else "false"
+
+
+#: Settings `lists set` may change, in the order `lists show` prints them.
+SETTINGS: dict[str, Setting] = {
+    "posting_policy": _enum(PostingPolicy),
+    "delivery_mode": _enum(DeliveryMode),
+    "subject_prefix": _text("subject_prefix"),
+    "description": _text("description"),
+    "footer": _text("footer"),
+    "nonmember_action": Setting(
+        _nonmember,
+        "one of hold, reject, discard, default (hold on members lists, reject on announce lists)",
+        lambda v: "default" if v is None else v.value,
+    ),
+    "require_authenticated_sender": Setting(
+        _boolean, "true or false (yes/no, on/off, 1/0)", _yes_no
+    ),
+    "max_message_kb": Setting(
+        _whole(0, 10 * 1024 * 1024), "a whole number of KB, 0 for the server's limit"
+    ),
+    "plain_text_only": Setting(_boolean, "true or false (yes/no, on/off, 1/0)", _yes_no),
+    "content_filter": _enum(ContentFilter),
+    "allow_attachments": Setting(_boolean, "true or false (yes/no, on/off, 1/0)", _yes_no),
+    "allowed_mime_types": Setting(
+        _mime_types, "comma-separated MIME types such as text/plain,image/*; empty: any"
+    ),
+    "approval_threshold": Setting(
+        _whole(0, 2**31 - 1), "a whole number of recipients, 0 for no threshold"
+    ),
+    "blackout": Setting(_windows, f"comma-separated windows {config.WINDOW_FORMAT}; empty: none"),
+    "external_links": _enum(LinkPolicy),
+    "link_allowlist": Setting(
+        _hosts, "comma-separated host names (each allows its subdomains); empty: none"
+    ),
+    "hold_expiry_days": Setting(_whole(1, 3650), "a whole number of days, 1 to 3650"),
 }
 LIMITS = {"subject_prefix": 100, "description": 255}
 ALIASES = {"policy": "posting_policy", "mode": "delivery_mode"}
@@ -164,21 +299,19 @@ def all_lists(session: Session) -> list[tuple[MailingList, int]]:
 def set_setting(
     session: Session, mlist: MailingList, key: str, value: str, *, actor: str = "cli"
 ) -> None:
-    key = ALIASES.get(key, key)
-    kind = SETTINGS.get(key)
-    if kind is None:
-        raise InvalidInput(f"unknown setting {key!r}; settable: {', '.join(sorted(SETTINGS))}")
-    parsed: Any = value
-    if kind is not str:
-        try:
-            parsed = kind(value)
-        except ValueError:
-            choices = ", ".join(m.value for m in kind)
-            raise InvalidInput(f"{key}: {value[:40]!r} is not one of {choices}") from None
-    else:
-        parsed = check_text(key, value)
+    """Change one setting; a bad key or value is one InvalidInput line saying what is allowed."""
+    key = ALIASES.get(key.strip().lower(), key.strip().lower())
+    setting = SETTINGS.get(key)
+    if setting is None:
+        raise InvalidInput(f"unknown setting {key[:40]!r}; settable: {', '.join(sorted(SETTINGS))}")
+    try:
+        parsed = setting.parse(value)
+    except ValueError as exc:  # bare, or naming the part of the value that is wrong
+        if not str(exc):
+            raise InvalidInput(f"{key}: {value[:40]!r} is not {setting.allowed}") from None
+        raise InvalidInput(f"{key}: {exc}; allowed: {setting.allowed}") from None
     setattr(mlist, key, parsed)
-    audit(session, actor, "list.set", mlist.address, f"{key}={parsed}")
+    audit(session, actor, "list.set", mlist.address, f"{key}={setting.show(parsed)}")
 
 
 def in_flight(session: Session, mlist: MailingList) -> list[PendingPost]:
@@ -275,16 +408,11 @@ def delete(
 
 
 def settings_of(mlist: MailingList) -> dict[str, str]:
-    return {
-        "address": mlist.address,
-        "list_id": mlist.list_id,
-        "posting_policy": mlist.posting_policy.value,
-        "delivery_mode": mlist.delivery_mode.value,
-        "subject_prefix": mlist.subject_prefix,
-        "description": mlist.description,
-        "footer": mlist.footer,
-        "created_at": mlist.created_at.isoformat(timespec="seconds"),
-    }
+    """Every setting as `lists show` prints it and `lists set` takes it."""
+    shown = {"address": mlist.address, "list_id": mlist.list_id}
+    shown |= {key: setting.show(getattr(mlist, key)) for key, setting in SETTINGS.items()}
+    shown["created_at"] = mlist.created_at.isoformat(timespec="seconds")
+    return shown
 
 
 def audit(session: Session, actor: str, action: str, list_address: str, detail: str) -> None:

@@ -11,16 +11,19 @@ import io
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from listserv import addresses
-from listserv.errors import InvalidAddress, InvalidInput
+from listserv.errors import InvalidAddress, InvalidInput, NotFound
 from listserv.lists import audit
-from listserv.models import MailingList, Member, Role
+from listserv.models import DeliveryStatus, MailingList, Member, ModerationAction, Role
 
 CSV_FIELDS = ("address", "name", "role")
+#: roles whose posts an own moderation action can steer (owners and moderators are trusted)
+MODERATED_ROLES = (Role.MEMBER, Role.SENDER)
 
 
 @dataclass
@@ -51,9 +54,15 @@ def add(
     *,
     role: Role = Role.MEMBER,
     name: str = "",
+    moderation: ModerationAction | None = None,
+    emergency: bool = False,
     actor: str = "cli",
 ) -> tuple[list[str], list[str]]:
-    """Add members; returns (added, already present). Every address is validated first."""
+    """Add members; returns (added, already present). Every address is validated first.
+
+    Addresses already present keep their flags: `set_flags` changes those.
+    """
+    _check_flags(role, moderation, emergency)
     normalized = [member_address(mlist, a) for a in addrs]
     existing = _existing(session, mlist)
     added: list[str] = []
@@ -68,12 +77,101 @@ def add(
         session.execute(
             sa.insert(Member),
             [
-                {"list_id": mlist.id, "address": a, "role": role, "display_name": name}
+                {
+                    "list_id": mlist.id,
+                    "address": a,
+                    "role": role,
+                    "display_name": name,
+                    "moderation_action": moderation,
+                    "emergency": emergency,
+                }
                 for a in added
             ],
         )
-        audit(session, actor, "members.add", mlist.address, f"{role.value}: {', '.join(added)}")
+        flags = _describe_flags(moderation, emergency)
+        audit(
+            session,
+            actor,
+            "members.add",
+            mlist.address,
+            f"{role.value}{f' ({flags})' if flags else ''}: {', '.join(added)}",
+        )
     return added, skipped
+
+
+def _check_flags(role: Role | None, moderation: ModerationAction | None, emergency: bool) -> None:
+    if moderation is not None and role is not None and role not in MODERATED_ROLES:
+        raise InvalidInput(
+            f"a moderation action applies to members and senders only, not to {role.value}s"
+        )
+    if emergency and role is not None and role is not Role.SENDER:
+        raise InvalidInput(
+            "only an authorized sender (role sender) can be an emergency sender,"
+            f" not a {role.value}"
+        )
+
+
+def _describe_flags(moderation: ModerationAction | None, emergency: bool) -> str:
+    parts = [f"moderation={moderation.value}"] if moderation is not None else []
+    return ", ".join([*parts, "emergency"] if emergency else parts)
+
+
+#: `set_flags(moderation=CLEAR)`: the list decides again
+CLEAR: Literal["none"] = "none"
+
+
+def set_flags(
+    session: Session,
+    mlist: MailingList,
+    address: str,
+    *,
+    moderation: ModerationAction | Literal["none"] | None = None,
+    emergency: bool | None = None,
+    role: Role | None = None,
+    actor: str = "cli",
+) -> list[Member]:
+    """Change an address's own moderation action (CLEAR: back to the list's) and
+    emergency flag, on its member and sender rows (or those of `role`); None: unchanged.
+
+    Returns the rows changed. An address that holds no such row is NotFound; an
+    emergency flag needs a sender row (it lets posts past threshold and blackouts).
+    """
+    if moderation is None and emergency is None:
+        raise InvalidInput("nothing to change: give --moderation and/or --emergency/--no-emergency")
+    _check_flags(role, moderation if moderation != CLEAR else None, bool(emergency))
+    addr = addresses.normalize(address)
+    roles = (role,) if role is not None else MODERATED_ROLES
+    rows = list(
+        session.scalars(
+            sa.select(Member).where(
+                Member.list_id == mlist.id,
+                sa.func.lower(Member.address) == addr.lower(),
+                Member.role.in_(roles),
+            )
+        )
+    )
+    if not rows:
+        held = " or ".join(r.value for r in roles)
+        raise NotFound(f"{addr} is not a {held} of {mlist.address}")
+    senders = [m for m in rows if m.role is Role.SENDER]
+    if emergency and not senders:
+        raise InvalidInput(
+            f"{addr} is not an authorized sender of {mlist.address}: only a sender can be an"
+            f" emergency sender (add it with --role sender)"
+        )
+    changes: list[str] = []
+    if moderation is not None:
+        action = None if moderation == CLEAR else ModerationAction(moderation)
+        for m in rows:
+            m.moderation_action = action
+        changes.append(f"moderation={action.value if action else 'none'}")
+    if emergency is not None:
+        for m in senders:
+            m.emergency = emergency
+        changes.append(f"emergency={'yes' if emergency else 'no'}")
+    detail = f"{addr} ({', '.join(sorted({m.role.value for m in rows}))}): {', '.join(changes)}"
+    audit(session, actor, "members.set", mlist.address, detail)
+    return rows
 
 
 def remove(
@@ -128,6 +226,36 @@ def roles_of(session: Session, mlist: MailingList, addrs: Iterable[str]) -> set[
         )
     )
     return set(rows)
+
+
+def rows_for(session: Session, mlist: MailingList, addrs: Iterable[str]) -> list[Member]:
+    """Every row these addresses hold on the list (case-insensitive match)."""
+    lowered = {a.lower() for a in addrs}
+    if not lowered:
+        return []
+    return list(
+        session.scalars(
+            sa.select(Member).where(
+                Member.list_id == mlist.id, sa.func.lower(Member.address).in_(lowered)
+            )
+        )
+    )
+
+
+def recipient_count(session: Session, list_ids: Iterable[int]) -> int:
+    """Active recipients of these lists together: distinct addresses (any case) of
+    members with delivery enabled, as the queue would snapshot them, counted in SQL."""
+    ids = sorted(set(list_ids))
+    if not ids:
+        return 0
+    count = session.scalar(
+        sa.select(sa.func.count(sa.distinct(sa.func.lower(Member.address)))).where(
+            Member.list_id.in_(ids),
+            Member.role == Role.MEMBER,
+            Member.delivery_status == DeliveryStatus.ENABLED,
+        )
+    )
+    return int(count or 0)
 
 
 def import_csv(

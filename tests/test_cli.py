@@ -365,12 +365,18 @@ def test_inject_from_an_authorized_sender_queues_the_post(
     ]
 
 
-def test_inject_reads_stdin_and_takes_the_sender_from_the_option(
+def test_inject_reads_stdin_and_the_envelope_sender_alone_does_not_authorize(
     run: Run, announce_list: str
 ) -> None:
     anonymous = message(POST).replace(b"Boss <boss@example.org>", b"someone@example.net")
     args = ("inject", announce_list, "-", "--sender", "boss@example.org")
-    assert ok(run(*args, input=anonymous)).startswith("250 2.0.0 ")
+    assert_error(
+        run(*args, input=anonymous),
+        "550 5.7.1 someone@example.net may not post",
+        "--sender sets only the envelope sender",
+    )
+    stand_in = b"Sender: boss@example.org\r\n" + anonymous
+    assert ok(run(*args, input=stand_in)).startswith("250 2.0.0 ")
 
 
 def test_inject_from_a_non_sender_is_refused_and_nothing_is_queued(
@@ -692,15 +698,15 @@ def test_header_settings_that_are_not_control_characters_are_stored(run: Run, va
     prefix = value[:100].strip()
     ok(run("lists", "set", LIST, "subject_prefix", prefix))
     shown = show(run)
-    assert f"description:     {value}\n" in shown
-    assert f"subject_prefix:  {prefix}\n" in shown
+    assert re.search(rf"^description: +{re.escape(value)}$", shown, re.M)
+    assert re.search(rf"^subject_prefix: +{re.escape(prefix)}$", shown, re.M)
 
 
 def test_an_idn_list_is_stored_as_an_a_label_and_found_by_any_spelling(run: Run) -> None:
     out = ok(run("lists", "create", "Staff@Bücher.Example"))
     assert out == "created list staff@xn--bcher-kva.example (policy members, mode shared)\n"
     for spelling in ("staff@bücher.example", "STAFF@XN--BCHER-KVA.EXAMPLE"):
-        assert "address:         staff@xn--bcher-kva.example\n" in show(run, spelling)
+        assert re.search(r"^address: +staff@xn--bcher-kva\.example$", show(run, spelling), re.M)
     assert_error(
         run("lists", "create", "staff@xn--bcher-kva.example"),
         "list already exists: staff@xn--bcher-kva.example",

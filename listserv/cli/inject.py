@@ -47,11 +47,16 @@ def inject(app: App, address: str, file: BinaryIO, sender: str | None) -> None:
         content=raw,
         peer="listserv inject",
     )
-    outcome = intake.receive(app.db, envelope)
+    outcome = intake.receive(app.db, envelope, policy=app.settings.policy)
     if outcome.reply.code != 250:
         hint = ""
         if outcome.reply.enhanced == replies.UNDELIVERABLE.enhanced:
             hint = " (--sender sets only the envelope sender; the message needs its own From:)"
+        elif outcome.reply.enhanced == replies.NOT_ALLOWED.enhanced:
+            hint = (
+                " (--sender sets only the envelope sender, which never authorizes a post:"
+                " the From: or Sender: header must name someone allowed to post)"
+            )
         raise click.ClickException(f"{outcome.reply}{hint}")
     click.echo(str(outcome.reply))
     for target, state in outcome.posts.items():

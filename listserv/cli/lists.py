@@ -105,14 +105,32 @@ def show(app: App, address: str) -> None:
 @click.argument("value")
 @pass_app
 def set_(app: App, address: str, key: str, value: str) -> None:
-    """Change one setting of a list.
+    """Change one setting of a list (written to the audit log).
 
-    Settable: posting_policy (or policy), delivery_mode (or mode),
-    subject_prefix, description, footer.
+    \b
+    Settable:
+      posting_policy (policy)   announce, members or open
+      delivery_mode (mode)      shared or personalized
+      subject_prefix, description, footer
+      nonmember_action          hold, reject, discard, or default
+                                (hold on members lists, reject on announce lists)
+      require_authenticated_sender   true/false: posters' mail must pass DKIM/DMARC
+      max_message_kb            0: the server's limit
+      plain_text_only           true/false
+      content_filter            reject or convert (HTML goes out as plain text)
+      allow_attachments         true/false
+      allowed_mime_types        e.g. text/plain,image/*  (empty: any)
+      approval_threshold        hold posts to more recipients than this (0: off)
+      blackout                  e.g. 07-01..07-31,12-24..01-06  (empty: none)
+      external_links            allow or hold (links outside link_allowlist)
+      link_allowlist            e.g. example.org,example.net (subdomains too)
+      hold_expiry_days          1 to 3650
+    Booleans take true/false, yes/no, on/off, 1/0.
 
     \b
     Example:
       listserv lists set staff@lists.example.org policy announce
+      listserv lists set staff@lists.example.org blackout 12-24..01-06
     """
     with app.db.session() as session:
         mlist = store.get(session, address)

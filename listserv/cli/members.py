@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from typing import BinaryIO
+from typing import BinaryIO, Literal
 
 import click
 
 from listserv import lists as store
 from listserv import members as roster
 from listserv.cli.app import App, echo_table, pass_app
-from listserv.models import Role
+from listserv.models import ModerationAction, Role
 
 ROLES = click.Choice([r.value for r in Role])
+ACTIONS = [a.value for a in ModerationAction]
 
 
 @click.group()
@@ -19,7 +20,8 @@ def members() -> None:
     """Manage a list's addresses and their roles.
 
     Roles: member (receives posts), owner, moderator, and sender (an authorized
-    sender, who may post to an announce list).
+    sender, who may post to an announce list). Members and senders may carry
+    their own moderation action; a sender may be an emergency sender.
     """
 
 
@@ -28,24 +30,118 @@ def members() -> None:
 @click.argument("addrs", metavar="ADDR...", nargs=-1, required=True)
 @click.option("--role", type=ROLES, default=Role.MEMBER.value, show_default=True)
 @click.option("--name", default="", help="Display name for the added addresses.")
+@click.option(
+    "--moderation",
+    type=click.Choice(ACTIONS),
+    default=None,
+    help="Their own action for their posts, in place of the list's (members and senders).",
+)
+@click.option(
+    "--emergency",
+    is_flag=True,
+    help="Emergency senders' posts pass the approval threshold and blackouts (senders only).",
+)
 @pass_app
-def add(app: App, address: str, addrs: tuple[str, ...], role: str, name: str) -> None:
+def add(
+    app: App,
+    address: str,
+    addrs: tuple[str, ...],
+    role: str,
+    name: str,
+    moderation: str | None,
+    emergency: bool,
+) -> None:
     """Add addresses to a list, in one role.
 
-    Every address is checked before any is added.
+    Every address is checked before any is added. Addresses already present
+    keep their settings: `members set` changes them.
 
     \b
     Example:
       listserv members add staff@lists.example.org alice@example.org bob@example.org
       listserv members add staff@lists.example.org boss@example.org --role sender
+      listserv members add staff@lists.example.org troll@example.net --moderation hold
     """
     with app.db.session() as session:
         mlist = store.get(session, address)
-        added, present = roster.add(session, mlist, addrs, role=Role(role), name=name)
+        added, present = roster.add(
+            session,
+            mlist,
+            addrs,
+            role=Role(role),
+            name=name,
+            moderation=ModerationAction(moderation) if moderation else None,
+            emergency=emergency,
+        )
     for addr in added:
         click.echo(f"added {role}: {addr}")
     for addr in present:
         click.echo(f"already {_a(role)}: {addr}")
+
+
+@members.command("set")
+@click.argument("address", metavar="LIST")
+@click.argument("addr", metavar="ADDR")
+@click.option(
+    "--moderation",
+    type=click.Choice([*ACTIONS, roster.CLEAR]),
+    default=None,
+    help="Own action for the address's posts; none: the list decides again.",
+)
+@click.option(
+    "--emergency/--no-emergency",
+    default=None,
+    help="An emergency sender's posts pass the approval threshold and blackouts.",
+)
+@click.option(
+    "--role",
+    type=click.Choice([r.value for r in roster.MODERATED_ROLES]),
+    default=None,
+    help="Only this role's entry. Default: the address's member and sender entries.",
+)
+@pass_app
+def set_(
+    app: App,
+    address: str,
+    addr: str,
+    moderation: str | None,
+    emergency: bool | None,
+    role: str | None,
+) -> None:
+    """Change an address's own moderation action or emergency flag.
+
+    \b
+    Example:
+      listserv members set staff@lists.example.org troll@example.net --moderation hold
+      listserv members set staff@lists.example.org boss@example.org --emergency
+      listserv members set staff@lists.example.org troll@example.net --moderation none
+    """
+    action: ModerationAction | Literal["none"] | None = None
+    if moderation == roster.CLEAR:
+        action = roster.CLEAR
+    elif moderation is not None:
+        action = ModerationAction(moderation)
+    with app.db.session() as session:
+        mlist = store.get(session, address)
+        rows = roster.set_flags(
+            session,
+            mlist,
+            addr,
+            moderation=action,
+            emergency=emergency,
+            role=Role(role) if role else None,
+        )
+        shown = [
+            (
+                m.address,
+                m.role.value,
+                f"moderation={m.moderation_action.value if m.moderation_action else 'default'}",
+                *(["emergency"] if m.emergency else []),
+            )
+            for m in rows
+        ]
+    for row in shown:
+        click.echo(" ".join(row))
 
 
 @members.command()

@@ -18,8 +18,15 @@ from listserv import addresses, mail
 from listserv.addresses import Kind
 from listserv.config import Settings
 from listserv.db import Database
-from listserv.distribute import decorate, dkim, posts
-from listserv.models import Audience, DeliveryMode, InboundMessage, MailingList, Post
+from listserv.distribute import convert, decorate, dkim, posts
+from listserv.models import (
+    Audience,
+    ContentFilter,
+    DeliveryMode,
+    InboundMessage,
+    MailingList,
+    Post,
+)
 
 log = logging.getLogger("listserv.prepare")
 
@@ -35,6 +42,8 @@ class ListView:
     subject_prefix: str
     footer: str
     delivery_mode: DeliveryMode
+    #: plain_text_only with content_filter convert: HTML goes out as plain text
+    to_plain_text: bool = False
 
     @classmethod
     def of(cls, mlist: MailingList) -> ListView:
@@ -46,6 +55,7 @@ class ListView:
             subject_prefix=mlist.subject_prefix,
             footer=mlist.footer,
             delivery_mode=mlist.delivery_mode,
+            to_plain_text=mlist.plain_text_only and mlist.content_filter is ContentFilter.CONVERT,
         )
 
     def address(self, kind: Kind = Kind.POST) -> str:
@@ -91,6 +101,8 @@ def footer_text(view: ListView, recipient: str | None = None) -> str:
 def render(raw: bytes, view: ListView, signer: dkim.Signer | None) -> bytes:
     """The message as it leaves: list headers, prefix, footer (shared mode), signature."""
     msg = mail.parse(raw)
+    if view.to_plain_text:
+        msg = convert.to_plain_text(msg)
     decorate.strip_signatures(msg)
     decorate.add_list_headers(msg, list_headers(view))
     if view.subject_prefix:

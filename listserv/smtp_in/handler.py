@@ -15,6 +15,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from listserv import replies
 from listserv.addresses import ListAddress
+from listserv.config import PolicySettings
 from listserv.db import Database
 from listserv.replies import Reply
 from listserv.smtp_in import intake
@@ -26,9 +27,15 @@ MAX_RECIPIENTS = 100
 
 
 class InboundHandler:
-    def __init__(self, db: Database, on_accepted: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self,
+        db: Database,
+        on_accepted: Callable[[], None] = lambda: None,
+        policy: PolicySettings | None = None,
+    ) -> None:
         self.db = db
         self.on_accepted = on_accepted
+        self.policy = policy or PolicySettings()
 
     async def handle_MAIL(
         self,
@@ -87,7 +94,7 @@ class InboundHandler:
             "DATA from %s: %d bytes for %s, storing", request.peer, len(content), request.rcpt_tos
         )
         try:
-            outcome = await asyncio.to_thread(intake.receive, self.db, request)
+            outcome = await asyncio.to_thread(intake.receive, self.db, request, policy=self.policy)
         except Exception:
             # Nothing was committed: the client keeps the message and tries again.
             log.exception("DATA from %s: internal error, answered 451", request.peer)

@@ -4,7 +4,8 @@
 (they talk to the database) and the SMTP handler runs them in a thread.
 `receive` decides every post before it answers, so a sender who may not post
 gets a 550 in the SMTP dialogue (no backscatter), and it commits the raw bytes
-and the decisions in one transaction *before* the 250 goes out.
+and the decisions (with their audit entries) in one transaction *before* the
+250 goes out. A refusal stores nothing but is written to the audit log.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from email.message import EmailMessage
 
 import sqlalchemy as sa
@@ -19,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from listserv import addresses, lists, mail, members, replies
 from listserv.addresses import Kind, ListAddress
+from listserv.config import PolicySettings
 from listserv.db import Database
 from listserv.errors import InvalidAddress, NotFound
 from listserv.models import (
@@ -26,10 +29,12 @@ from listserv.models import (
     InboundMessage,
     InboundState,
     MailingList,
+    Member,
     Post,
     PostState,
+    Role,
 )
-from listserv.pipeline.context import PostContext
+from listserv.pipeline.context import SEVERITY, PostContext, Standing
 from listserv.pipeline.decide import decide
 from listserv.pipeline.decision import Action, Decision
 from listserv.replies import Reply
@@ -77,14 +82,22 @@ def _serves_domain(session: Session, domain: str) -> bool:
     return session.scalar(query) is not None
 
 
-def receive(db: Database, envelope: Envelope) -> Outcome:
+def receive(
+    db: Database,
+    envelope: Envelope,
+    *,
+    policy: PolicySettings | None = None,
+    now: datetime | None = None,
+) -> Outcome:
+    """Decide, store and answer one transaction; `policy` is the site's [policy]
+    section, `now` when it was received (tests pass one)."""
     targets: dict[Kind, list[ListAddress]] = defaultdict(list)
     for target in envelope.targets or _resolve_all(db, envelope.rcpt_tos):
         if isinstance(target, Reply):
             return Outcome(target)
         targets[target.kind].append(target)
     try:
-        return _receive(db, envelope, targets)
+        return _receive(db, envelope, targets, policy or PolicySettings(), now or datetime.now(UTC))
     except NotFound as exc:  # a list deleted between RCPT and DATA
         return Outcome(replies.NO_SUCH_LIST.with_text(str(exc)))
 
@@ -93,25 +106,61 @@ def _resolve_all(db: Database, rcpts: tuple[str, ...]) -> list[ListAddress | Rep
     return [resolve(db, rcpt) for rcpt in rcpts]
 
 
-def _receive(db: Database, envelope: Envelope, targets: dict[Kind, list[ListAddress]]) -> Outcome:
+def _authenticated(envelope: Envelope, msg: EmailMessage) -> frozenset[str]:
+    """The From:/Sender: domains whose mail is authenticated (DKIM aligned, or a
+    trusted DMARC pass): lists with require_authenticated_sender believe only those.
+
+    The one place sender authentication plugs in (listserv/pipeline/auth.py, from
+    the sender-authentication work). Until then nothing is authenticated, so such
+    lists hold every post of their authorized senders ("sender not authenticated").
+    """
+    return frozenset()
+
+
+def _receive(
+    db: Database,
+    envelope: Envelope,
+    targets: dict[Kind, list[ListAddress]],
+    policy: PolicySettings,
+    now: datetime,
+) -> Outcome:
     msg = mail.parse(envelope.content)
     decisions: list[tuple[MailingList, PostContext, Decision]] = []
+    refusal: tuple[MailingList, PostContext, Decision] | None = None
     if targets.get(Kind.POST):
+        authenticated = _authenticated(envelope, msg)
         with db.reading() as session:
-            for target in dict.fromkeys(targets[Kind.POST]):
-                mlist = lists.get(session, target.list_address)
-                ctx = _context(session, mlist, msg, envelope)
+            found = (lists.get(session, t.list_address) for t in dict.fromkeys(targets[Kind.POST]))
+            mlists = list({m.id: m for m in found}.values())
+            # a post to several lists is judged on the union of their recipients
+            recipients = members.recipient_count(session, [m.id for m in mlists])
+            for mlist in mlists:
+                ctx = build_context(
+                    session,
+                    mlist,
+                    msg,
+                    envelope,
+                    recipients=recipients,
+                    now=now,
+                    policy=policy,
+                    authenticated=authenticated,
+                )
                 decision = decide(ctx)
                 if decision.action is Action.REJECT:
-                    log.info(
-                        "rejected post to %s from %s (peer %s): %s",
-                        mlist.address,
-                        ctx.sender,
-                        envelope.peer,
-                        decision.reason,
-                    )
-                    return Outcome(decision.reply or replies.NOT_ALLOWED)
+                    refusal = (mlist, ctx, decision)
+                    break
                 decisions.append((mlist, ctx, decision))
+    if refusal is not None:
+        mlist, ctx, decision = refusal
+        log.info(
+            "rejected post to %s from %s (peer %s): %s",
+            mlist.address,
+            ctx.sender,
+            envelope.peer,
+            decision.reason,
+        )
+        _audit_refusal(db, mlist, ctx, decision, envelope)
+        return Outcome(decision.reply or replies.NOT_ALLOWED)
 
     inbound_ids: list[int] = []
     pending_ids: list[int] = []
@@ -152,6 +201,14 @@ def _receive(db: Database, envelope: Envelope, targets: dict[Kind, list[ListAddr
                 )
                 session.add(post)
                 session.flush()
+                lists.audit(
+                    session,
+                    ctx.sender[:320],
+                    f"post.{decision.action.value}",
+                    mlist.address,
+                    f"post {post.id}: {_about(msg)}"
+                    + (f"; {decision.reason}" if decision.reason else ""),
+                )
                 all_posts.append(post.id)
                 states[mlist.address] = state
                 if state is PostState.ACCEPTED:
@@ -171,6 +228,33 @@ def _receive(db: Database, envelope: Envelope, targets: dict[Kind, list[ListAddr
         posts=states,
         post_ids=tuple(all_posts),
     )
+
+
+def _about(msg: EmailMessage) -> str:
+    """The post as an audit entry names it."""
+    subject = " ".join((mail.header(msg, "Subject") or "").split())[:200]
+    message_id = (mail.header(msg, "Message-ID") or "").strip()[:200]
+    return f"subject {subject!r}" + (f", {message_id}" if message_id else "")
+
+
+def _audit_refusal(
+    db: Database, mlist: MailingList, ctx: PostContext, decision: Decision, envelope: Envelope
+) -> None:
+    """A refused post is not stored, but its refusal is on record.
+
+    Its own transaction: when it cannot be written, the sender still gets the 550.
+    """
+    try:
+        with db.session() as session:
+            lists.audit(
+                session,
+                ctx.sender[:320],
+                "post.reject",
+                mlist.address,
+                f"{_about(ctx.msg)} (peer {envelope.peer or 'unknown'}); {decision.reason}",
+            )
+    except Exception:
+        log.warning("could not write the audit entry for a refused post", exc_info=True)
 
 
 def _stored_reply(post_ids: list[int], pending_ids: list[int]) -> Reply:
@@ -225,24 +309,58 @@ def _original(target: ListAddress) -> str:
     return addresses.build(target.name, target.domain, target.kind, target.token)
 
 
-def _context(
-    session: Session, mlist: MailingList, msg: EmailMessage, envelope: Envelope
+def _normalized(address: str) -> str:
+    """The normalized address; one we cannot normalize is kept as it is, so it
+    matches no member and an odd From: address can never vanish from the check."""
+    try:
+        return addresses.normalize(address)
+    except InvalidAddress:
+        return address.strip()
+
+
+def build_context(
+    session: Session,
+    mlist: MailingList,
+    msg: EmailMessage,
+    envelope: Envelope,
+    *,
+    recipients: int | None = None,
+    now: datetime | None = None,
+    policy: PolicySettings | None = None,
+    authenticated: frozenset[str] = frozenset(),
 ) -> PostContext:
-    senders = mail.addresses(msg, "From")
-    if envelope.mail_from and envelope.mail_from not in senders:
-        senders.append(envelope.mail_from)
-    normalized: list[str] = []
-    for s in senders:
-        try:
-            normalized.append(addresses.normalize(s))
-        except InvalidAddress:
-            continue
-    roles = members.roles_of(session, mlist, normalized)
+    """What the rules see of one post to one list (`recipients`: of this list alone
+    unless given, as for a post to several lists)."""
+    froms = tuple(dict.fromkeys(_normalized(a) for a in mail.addresses(msg, "From")))
+    sender_header = mail.addresses(msg, "Sender")
+    # RFC 5322 3.6.2: one mailbox; several leave nobody to stand in
+    sender = _normalized(sender_header[0]) if len(sender_header) == 1 else None
+    rows = members.rows_for(session, mlist, [*froms, *([sender] if sender else [])])
+    by_address: dict[str, list[Member]] = defaultdict(list)
+    for row in rows:
+        by_address[row.address.lower()].append(row)
+    standing = {address: _standing(group) for address, group in by_address.items()}
+    if recipients is None:
+        recipients = members.recipient_count(session, [mlist.id])
     return PostContext(
         mlist=mlist,
         msg=msg,
         size=len(envelope.content),
         mail_from=envelope.mail_from,
-        senders=tuple(normalized),
-        roles=frozenset(roles),
+        from_addresses=froms,
+        sender_address=sender,
+        standing=standing,
+        recipients=recipients,
+        now=now or datetime.now(UTC),
+        policy=policy or PolicySettings(),
+        authenticated=authenticated,
+    )
+
+
+def _standing(rows: list[Member]) -> Standing:
+    actions = [r.moderation_action for r in rows if r.moderation_action is not None]
+    return Standing(
+        roles=frozenset(r.role for r in rows),
+        action=max(actions, key=SEVERITY.index) if actions else None,
+        emergency=any(r.emergency and r.role is Role.SENDER for r in rows),
     )

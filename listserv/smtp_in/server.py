@@ -26,7 +26,7 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, syntax
 
 from listserv import replies
-from listserv.config import ServerSettings
+from listserv.config import PolicySettings, ServerSettings
 from listserv.db import Database
 from listserv.replies import Reply
 from listserv.smtp_in.handler import InboundHandler
@@ -59,9 +59,10 @@ class InboundServer:
         settings: ServerSettings,
         *,
         on_accepted: Callable[[], None] = lambda: None,
+        policy: PolicySettings | None = None,
     ) -> InboundServer:
         """Listen on settings.host:port (port 0: any free port, see `port`)."""
-        inbound = cls(InboundHandler(db, on_accepted=on_accepted), settings)
+        inbound = cls(InboundHandler(db, on_accepted=on_accepted, policy=policy), settings)
         loop = asyncio.get_running_loop()
         inbound._server = await loop.create_server(
             lambda: ListservSMTP(inbound), settings.host, settings.port
