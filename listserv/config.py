@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from listserv.dns import parse_nameserver
 from listserv.errors import ConfigError
 
 DEFAULT_CONFIG = Path("config/listserv.toml")
@@ -82,6 +83,23 @@ class HttpSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DnsSettings:
+    #: "HOST" or "HOST:PORT" ("[V6]:PORT") IP addresses; empty: the system's resolver
+    nameservers: tuple[str, ...] = ()
+    #: seconds one look-up may take in all, over every nameserver
+    timeout: float = 5.0
+    #: answers kept (each for its TTL); 0: no cache
+    cache_size: int = 10000
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuthSettings:
+    #: authserv-ids (RFC 8601) of the MTAs in front of us whose Authentication-Results
+    #: we believe; each of them must remove such headers with its id from incoming mail
+    trusted_authserv_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
 class LoggingSettings:
     level: str = "INFO"
 
@@ -93,6 +111,8 @@ class Settings:
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     dkim: DkimSettings = field(default_factory=DkimSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
+    dns: DnsSettings = field(default_factory=DnsSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     source: str = "(defaults)"
 
@@ -170,10 +190,16 @@ def _from_env(raw: str, hint: Any, env_name: str) -> Any:
             return hint(raw)
         except ValueError:
             raise ConfigError(f"${env_name}: expected a number, got {raw!r}") from None
+    if hint == tuple[str, ...]:
+        return [item.strip() for item in raw.split(",") if item.strip()]
     return raw
 
 
 def _check(value: Any, hint: Any, where: str) -> Any:
+    if hint == tuple[str, ...]:
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
+        return tuple(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     expected = hint if isinstance(hint, type) else None
@@ -221,5 +247,30 @@ def _validate(s: Settings) -> None:
         )
     if not s.database.url:
         raise ConfigError(f"{s.source}: [database] url: must not be empty")
+    _validate_dns_auth(s)
     if s.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"{s.source}: [logging] level: one of DEBUG, INFO, WARNING, ERROR")
+
+
+def _validate_dns_auth(s: Settings) -> None:
+    for ns in s.dns.nameservers:
+        try:
+            parse_nameserver(ns)
+        except ValueError as e:
+            raise ConfigError(f"{s.source}: [dns] nameservers: {e}") from None
+    if not 0 < s.dns.timeout <= 300:
+        raise ConfigError(f"{s.source}: [dns] timeout: must be greater than 0 and at most 300")
+    if s.dns.cache_size < 0:
+        raise ConfigError(f"{s.source}: [dns] cache_size: must not be negative")
+    for authserv_id in s.auth.trusted_authserv_ids:
+        # RFC 8601 §2.2: authserv-id is a value (token or quoted-string); we accept the
+        # host-name-like ids MTAs use, so a typo cannot silently trust nothing or anything.
+        if (
+            not authserv_id
+            or not authserv_id.isascii()
+            or any(c.isspace() or c in ';()"\\=' for c in authserv_id)
+        ):
+            raise ConfigError(
+                f"{s.source}: [auth] trusted_authserv_ids: {authserv_id!r} is not an authserv-id"
+                " (e.g. the MTA's host name, as it writes it in Authentication-Results)"
+            )
