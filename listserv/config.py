@@ -11,6 +11,7 @@ overrides one key (e.g. ``LISTSERV_DELIVERY_PASSWORD``, ``LISTSERV_DATABASE_URL`
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 import types
@@ -19,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from listserv.dns import parse_nameserver
 from listserv.errors import ConfigError
 
 DEFAULT_CONFIG = Path("config/listserv.toml")
+DEFAULT_DNS_PORT = 53
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -274,3 +275,30 @@ def _validate_dns_auth(s: Settings) -> None:
                 f"{s.source}: [auth] trusted_authserv_ids: {authserv_id!r} is not an authserv-id"
                 " (e.g. the MTA's host name, as it writes it in Authentication-Results)"
             )
+
+
+def parse_nameserver(value: str) -> tuple[str, int]:
+    """``HOST`` or ``HOST:PORT`` (``[V6]:PORT``) as (IP address, port); ValueError says why.
+
+    Only IP addresses: a name would need a resolver to find the resolver.
+    """
+    text = value.strip()
+    port = DEFAULT_DNS_PORT
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"{value!r} is not HOST, HOST:PORT or [IPv6]:PORT")
+        port_text = rest[1:] if rest else None
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    else:  # an IPv4 address, or a bare IPv6 address
+        host, port_text = text, None
+    if port_text is not None:
+        if not port_text.isdigit() or not 0 < int(port_text) <= 65535:
+            raise ValueError(f"{value!r}: port must be 1..65535")
+        port = int(port_text)
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{value!r}: expected an IP address (not a host name)") from None
+    return str(address), port

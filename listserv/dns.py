@@ -13,9 +13,7 @@ usable resolver configuration) is a `DnsError`, a temporary failure.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-from typing import TYPE_CHECKING
 
 import dns.exception
 import dns.message
@@ -25,43 +23,13 @@ import dns.rdatatype
 import dns.resolver
 from dns.rdtypes.ANY.TXT import TXT
 
-if TYPE_CHECKING:
-    from listserv.config import DnsSettings
+from listserv.config import DnsSettings, parse_nameserver
 
 log = logging.getLogger(__name__)
-
-DEFAULT_PORT = 53
 
 
 class DnsError(Exception):
     """A DNS look-up failed for a reason that may go away (timeout, SERVFAIL, no resolver)."""
-
-
-def parse_nameserver(value: str) -> tuple[str, int]:
-    """``HOST`` or ``HOST:PORT`` (``[V6]:PORT``) as (IP address, port); ValueError says why.
-
-    Only IP addresses: a name would need a resolver to find the resolver.
-    """
-    text = value.strip()
-    port = DEFAULT_PORT
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
-            raise ValueError(f"{value!r} is not HOST, HOST:PORT or [IPv6]:PORT")
-        port_text = rest[1:] if rest else None
-    elif text.count(":") == 1:
-        host, _, port_text = text.partition(":")
-    else:  # an IPv4 address, or a bare IPv6 address
-        host, port_text = text, None
-    if port_text is not None:
-        if not port_text.isdigit() or not 0 < int(port_text) <= 65535:
-            raise ValueError(f"{value!r}: port must be 1..65535")
-        port = int(port_text)
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"{value!r}: expected an IP address (not a host name)") from None
-    return str(address), port
 
 
 class Resolver:

@@ -457,3 +457,14 @@ def test_example_config_documents_dns_and_auth() -> None:
     s = config.load(example, env={})
     assert s.dns == DnsSettings()
     assert s.auth == AuthSettings()
+
+
+def test_summary_stays_one_bounded_line(resolver: Resolver) -> None:
+    forged = "".join(
+        f"Authentication-Results: mx{i}.evil.example; dmarc=pass header.from=example.org\n"
+        for i in range(200)
+    )
+    summary = verify(post(extra=forged), resolver, TRUST_MX).summary()
+    assert summary.startswith("dkim=none; ignored Authentication-Results from mx0.evil.example")
+    assert len(summary) == 1000 and summary.endswith("...")
+    assert summary.isprintable()

@@ -28,6 +28,7 @@ as RFC 8601 §2.2 describes; it has not needed a release since 2019.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass, field
@@ -52,7 +53,8 @@ log = logging.getLogger(__name__)
 #: [dns] timeout, and a sender can add as many as he likes. Aligned ones go first.
 MAX_SIGNATURES = 5
 
-_PSL = PublicSuffixList()  # ICANN and private sections: user1.github.io != user2.github.io
+#: A result line for moderators is at most this long (it quotes what senders wrote).
+_SUMMARY_MAX = 1000
 
 
 class _DkimpyLog(logging.LoggerAdapter[logging.Logger]):
@@ -133,7 +135,8 @@ def results_summary(result: AuthResult) -> str:
         parts.append(f"ignored Authentication-Results from {', '.join(result.untrusted)}")
     parts.extend(result.notes)
     parts.append(f"authenticated: {', '.join(sorted(result.domains)) or 'none'}")
-    return "; ".join(parts)
+    line = "".join(c if c.isprintable() else "?" for c in "; ".join(parts))
+    return line if len(line) <= _SUMMARY_MAX else line[: _SUMMARY_MAX - 3] + "..."
 
 
 def check(
@@ -172,7 +175,14 @@ def check(
 def organizational_domain(domain: str) -> str:
     """The registrable domain (RFC 7489 §3.2) of a lower-case A-label domain; a public
     suffix itself, or a name the list cannot place, is its own organizational domain."""
-    return _PSL.privatesuffix(domain) or domain
+    return _psl().privatesuffix(domain) or domain
+
+
+@functools.cache
+def _psl() -> PublicSuffixList:
+    """Loaded on first use (~40 ms); ICANN and private sections, so user1.github.io and
+    user2.github.io are two organizations, as RFC 7489 §3.2 intends."""
+    return PublicSuffixList()
 
 
 def _aligned(signer: str, author: str) -> bool:
