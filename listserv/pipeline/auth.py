@@ -143,6 +143,16 @@ def check(
     raw: bytes, msg: EmailMessage, *, settings: AuthSettings, resolver: Resolver
 ) -> AuthResult:
     """Verify DKIM signatures and read trusted Authentication-Results; never raises."""
+    try:
+        return _check(raw, msg, settings=settings, resolver=resolver)
+    except Exception as exc:  # a bug here must not turn a post into a 451 loop
+        log.warning("auth: not checked: %s", _reason(exc), exc_info=True)
+        return AuthResult(domains=frozenset(), notes=(f"not checked: {_reason(exc)}",))
+
+
+def _check(
+    raw: bytes, msg: EmailMessage, *, settings: AuthSettings, resolver: Resolver
+) -> AuthResult:
     candidates = _candidate_domains(msg)
     sigs, notes = _verify_dkim(raw, candidates, resolver)
     dmarc, untrusted, ar_notes = _trusted_dmarc(msg, settings)
