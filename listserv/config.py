@@ -11,6 +11,7 @@ overrides one key (e.g. ``LISTSERV_DELIVERY_PASSWORD``, ``LISTSERV_DATABASE_URL`
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 import types
@@ -24,6 +25,7 @@ from typing import Any
 from listserv.errors import ConfigError
 
 DEFAULT_CONFIG = Path("config/listserv.toml")
+DEFAULT_DNS_PORT = 53
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,6 +85,23 @@ class HttpSettings:
     host: str = "127.0.0.1"
     port: int = 8080
     public_base_url: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DnsSettings:
+    #: "HOST" or "HOST:PORT" ("[V6]:PORT") IP addresses; empty: the system's resolver
+    nameservers: tuple[str, ...] = ()
+    #: seconds one look-up may take in all, over every nameserver
+    timeout: float = 5.0
+    #: answers kept (each for its TTL); 0: no cache
+    cache_size: int = 10000
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuthSettings:
+    #: authserv-ids (RFC 8601) of the MTAs in front of us whose Authentication-Results
+    #: we believe; each of them must remove such headers with its id from incoming mail
+    trusted_authserv_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -149,6 +168,8 @@ class Settings:
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     dkim: DkimSettings = field(default_factory=DkimSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
+    dns: DnsSettings = field(default_factory=DnsSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     policy: PolicySettings = field(default_factory=PolicySettings)
     source: str = "(defaults)"
@@ -298,5 +319,57 @@ def _validate(s: Settings) -> None:
             f"{s.source}: [policy] timezone: {s.policy.timezone!r} is not an IANA time zone"
             " name (e.g. UTC, Europe/Berlin, America/New_York)"
         ) from None
+    _validate_dns_auth(s)
     if s.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"{s.source}: [logging] level: one of DEBUG, INFO, WARNING, ERROR")
+
+
+def _validate_dns_auth(s: Settings) -> None:
+    for ns in s.dns.nameservers:
+        try:
+            parse_nameserver(ns)
+        except ValueError as e:
+            raise ConfigError(f"{s.source}: [dns] nameservers: {e}") from None
+    if not 0 < s.dns.timeout <= 300:
+        raise ConfigError(f"{s.source}: [dns] timeout: must be greater than 0 and at most 300")
+    if s.dns.cache_size < 0:
+        raise ConfigError(f"{s.source}: [dns] cache_size: must not be negative")
+    for authserv_id in s.auth.trusted_authserv_ids:
+        # RFC 8601 §2.2: authserv-id is a value (token or quoted-string); we accept the
+        # host-name-like ids MTAs use, so a typo cannot silently trust nothing or anything.
+        if (
+            not authserv_id
+            or not authserv_id.isascii()
+            or any(c.isspace() or c in ';()"\\=' for c in authserv_id)
+        ):
+            raise ConfigError(
+                f"{s.source}: [auth] trusted_authserv_ids: {authserv_id!r} is not an authserv-id"
+                " (e.g. the MTA's host name, as it writes it in Authentication-Results)"
+            )
+
+
+def parse_nameserver(value: str) -> tuple[str, int]:
+    """``HOST`` or ``HOST:PORT`` (``[V6]:PORT``) as (IP address, port); ValueError says why.
+
+    Only IP addresses: a name would need a resolver to find the resolver.
+    """
+    text = value.strip()
+    port = DEFAULT_DNS_PORT
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"{value!r} is not HOST, HOST:PORT or [IPv6]:PORT")
+        port_text = rest[1:] if rest else None
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    else:  # an IPv4 address, or a bare IPv6 address
+        host, port_text = text, None
+    if port_text is not None:
+        if not port_text.isdigit() or not 0 < int(port_text) <= 65535:
+            raise ValueError(f"{value!r}: port must be 1..65535")
+        port = int(port_text)
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{value!r}: expected an IP address (not a host name)") from None
+    return str(address), port
