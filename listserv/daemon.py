@@ -25,6 +25,7 @@ from listserv.distribute import scheduler
 from listserv.distribute.engine import DeliveryEngine
 from listserv.distribute.liveness import Liveness, worker_id
 from listserv.moderation import task as moderation
+from listserv.pipeline.auth import Authenticator
 from listserv.smtp_in.server import InboundServer
 from listserv.workers import WorkerPool
 
@@ -81,8 +82,13 @@ class Daemon:
             await self._deliver_only(engine)
             return
         on_queued = engine.wake if self.workers is None else self.workers.wake
+        authenticator = await asyncio.to_thread(Authenticator.from_settings, s)
         server = await InboundServer.start(
-            self.db, s.server, on_accepted=self._posts_waiting.set, policy=s.policy
+            self.db,
+            s.server,
+            on_accepted=self._posts_waiting.set,
+            policy=s.policy,
+            authenticator=authenticator,
         )
         runner: web.AppRunner | None = None
         try:
@@ -122,7 +128,13 @@ class Daemon:
                     group.create_task(self.workers.run(self._stop))
                 # holds: announce, read moderators' replies, expire, remind
                 group.create_task(
-                    moderation.run(self.db, s, stop=self._stop, on_queued=self._posts_waiting.set)
+                    moderation.run(
+                        self.db,
+                        s,
+                        stop=self._stop,
+                        on_queued=self._posts_waiting.set,
+                        authenticator=authenticator,
+                    )
                 )
                 self.ready.set()
                 await self._stop.wait()

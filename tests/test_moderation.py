@@ -10,14 +10,18 @@ import re
 import threading
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 from conftest import make_list, message
+from dnsserver import DnsServer
 
 from listserv import lists, mail, members, tokens
+from listserv.config import AuthSettings, DnsSettings
 from listserv.db import Database
-from listserv.distribute import posts
+from listserv.distribute import dkim, posts
+from listserv.dns import Resolver
 from listserv.models import (
     Audience,
     AuditEntry,
@@ -32,6 +36,7 @@ from listserv.models import (
 )
 from listserv.moderation import holds, replies, task, verdicts
 from listserv.moderation.verdicts import Verb, Verdict
+from listserv.pipeline.auth import Authenticator
 
 LIST = "staff@lists.example.org"
 OWNER = "owner@example.org"
@@ -132,6 +137,7 @@ def store_reply(
     sender: str = MODERATOR,
     subject: str = "Re: held post",
     headers: str = "",
+    signer: dkim.Signer | None = None,
 ) -> int:
     """Confirm mail as intake stores it: kind confirm, pending, the original address."""
     extra = f"{headers}\n" if headers else ""
@@ -149,6 +155,8 @@ def store_reply(
         + b"\r\n"
         + text.replace("\n", "\r\n").encode()
     )
+    if signer is not None:
+        raw = signer.sign(raw)
     with db.session() as s:
         inbound = InboundMessage(
             mail_from=sender, rcpt_tos=[to], kind="confirm", state=InboundState.PENDING, raw=raw
@@ -547,6 +555,29 @@ def test_a_list_requiring_authentication_refuses_unauthenticated_replies(db: Dat
     announced(db, T0 + timedelta(hours=1))
     assert post_of(db, post_id).state is PostState.HELD
     assert "authenticated" in _refusal(db)
+
+
+def test_a_list_requiring_authentication_takes_a_dkim_signed_reply(
+    db: Database, tmp_path: Path
+) -> None:
+    setup_list(db)
+    with db.session() as s:
+        lists.get(s, LIST).require_authenticated_sender = True
+    key = dkim.generate_key(tmp_path / "keys", "example.org", "s1", bits=1024)
+    post_id = hold_post(db)
+    announced(db)
+    with DnsServer() as server:
+        server.txt[key.dns_name()] = [key.public_txt()]
+        authenticator = Authenticator(
+            AuthSettings(), Resolver(DnsSettings(nameservers=(server.address,), timeout=2.0))
+        )
+        forged = store_reply(db, reply_address(db), "discard\n")  # unsigned: refused
+        task.run_once(db, now=T0 + timedelta(minutes=1), authenticator=authenticator)
+        assert post_of(db, post_id).state is PostState.HELD
+        assert inbound_state(db, forged) is InboundState.DONE
+        store_reply(db, reply_address(db), "approve\n", signer=dkim.Signer(key))
+        task.run_once(db, now=T0 + timedelta(minutes=2), authenticator=authenticator)
+    assert post_of(db, post_id).state is PostState.ACCEPTED
 
 
 def test_confirm_mail_for_a_deleted_list_is_marked_failed(db: Database) -> None:

@@ -5,16 +5,19 @@ from __future__ import annotations
 
 from collections import Counter
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import aiosmtplib
 import pytest
 import sqlalchemy as sa
 from conftest import make_list, message
+from dnsserver import DnsServer
 from sink import Sink
 
 from listserv import lists, members
 from listserv.db import Database
+from listserv.distribute import dkim
 from listserv.models import (
     AuditEntry,
     InboundMessage,
@@ -335,15 +338,32 @@ async def test_external_links_hold_naming_the_hosts_and_allowlisted_hosts_pass(
     assert "login.evil.example, pixel.example.net" in hold.detail
 
 
-async def test_require_authenticated_sender_holds_until_authentication_is_wired(
-    db: Database, daemon_factory: Any
+async def test_require_authenticated_sender_believes_only_aligned_dkim(
+    db: Database, daemon_factory: Any, tmp_path: Path
 ) -> None:
+    """Real signatures, keys served by a DNS server on loopback: the authorized sender's
+    signed post goes out; unsigned, tampered or signed by another domain it is held."""
     make_list(db, members_=MEMBERS, senders=[BOSS], require_authenticated_sender="yes")
-    daemon = await daemon_factory()
-    assert (await send(daemon.port, post(subject="Signed?"))).startswith("2.0.0 Queued as ")
-    state, reason = posts_by_subject(db)["Signed?"]
-    assert state is PostState.HELD
-    assert reason.startswith("sender not authenticated")
-    # a stranger is refused as before, not held
-    error = await refused(daemon.port, post("x@ext.example", subject="Stranger"))
-    assert error.code == 550
+    key = dkim.generate_key(tmp_path / "senders", "example.org", "s1", bits=1024)
+    other = dkim.generate_key(tmp_path / "senders", "elsewhere.example", "s1", bits=1024)
+    with DnsServer() as server:
+        for k in (key, other):
+            server.txt[k.dns_name()] = [k.public_txt()]
+        daemon = await daemon_factory(dns__nameservers=[server.address], dns__timeout=2.0)
+
+        def signed(subject: str, by: dkim.SigningKey = key) -> bytes:
+            return dkim.Signer(by).sign(post(subject=subject))
+
+        await send(daemon.port, signed("Signed"))
+        await send(daemon.port, post(subject="Unsigned"))
+        await send(daemon.port, signed("Tampered").replace(b"approved", b"rejected"))
+        await send(daemon.port, signed("Other domain", other))
+        # a stranger is refused as before, signed or not
+        error = await refused(daemon.port, post("x@ext.example", subject="Stranger"))
+        assert error.code == 550
+    states = posts_by_subject(db)
+    assert states["Signed"][0] in (PostState.ACCEPTED, PostState.SENDING, PostState.SENT)
+    for subject in ("Unsigned", "Tampered", "Other domain"):
+        state, reason = states[subject]
+        assert state is PostState.HELD, subject
+        assert reason.startswith("sender not authenticated"), (subject, reason)

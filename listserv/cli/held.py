@@ -115,7 +115,7 @@ def show(app: App, post_id: int, lines: int) -> None:
 @pass_app
 def approve(app: App, post_id: int, when: str | None) -> None:
     """Approve a held post: it goes to the members (at WHEN), and its sender is told."""
-    at = verdicts.parse_when(when) if when else None
+    at = verdicts.parse_when(when, app.settings.policy.zone()) if when else None
     _decide(app, post_id, Verdict(Verb.APPROVE, at=at))
 
 

@@ -9,6 +9,7 @@ import click
 from listserv import addresses, mail, replies
 from listserv.cli.app import App, pass_app
 from listserv.errors import NotFound
+from listserv.pipeline.auth import Authenticator
 from listserv.smtp_in import intake
 
 
@@ -47,7 +48,12 @@ def inject(app: App, address: str, file: BinaryIO, sender: str | None) -> None:
         content=raw,
         peer="listserv inject",
     )
-    outcome = intake.receive(app.db, envelope, policy=app.settings.policy)
+    outcome = intake.receive(
+        app.db,
+        envelope,
+        policy=app.settings.policy,
+        authenticator=Authenticator.from_settings(app.settings),
+    )
     if outcome.reply.code != 250:
         hint = ""
         if outcome.reply.enhanced == replies.UNDELIVERABLE.enhanced:

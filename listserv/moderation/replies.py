@@ -16,7 +16,7 @@ token known for this list, then the sender's role, then the post, expiry, reuse.
 from __future__ import annotations
 
 import logging
-from datetime import datetime
+from datetime import UTC, datetime, tzinfo
 from email.message import EmailMessage
 
 import sqlalchemy as sa
@@ -28,6 +28,7 @@ from listserv.db import Database
 from listserv.errors import InvalidInput
 from listserv.models import InboundMessage, InboundState, MailingList, PostState, TokenKind
 from listserv.moderation import holds, verdicts
+from listserv.pipeline.auth import Authenticator
 
 log = logging.getLogger("listserv.moderation")
 
@@ -35,18 +36,44 @@ log = logging.getLogger("listserv.moderation")
 BATCH = 50
 
 
-def _reply_authenticated(raw: bytes, msg: EmailMessage, mlist: MailingList) -> bool:
-    """Whether the reply may decide on a list that requires authenticated senders.
-
-    MERGE HOOK: returns True unless the list has require_authenticated_sender; for
-    such a list it returns False until `listserv.pipeline.auth.authenticated_domains`
-    (the sender-authentication branch) is wired in here, e.g. the reply's From: domain
-    must be among authenticated_domains(raw, msg, settings=..., resolver=...).
-    """
-    return not mlist.require_authenticated_sender
+def _reply_authenticated(actor: str, mlist: MailingList, authenticated: frozenset[str]) -> bool:
+    """Whether the moderator's reply may decide on this list: always, unless the list
+    requires authenticated senders; then the moderator's own domain must be among
+    the reply's authenticated From:/Sender: domains (DKIM aligned, trusted DMARC)."""
+    if not mlist.require_authenticated_sender:
+        return True
+    return actor.rpartition("@")[2].lower() in authenticated
 
 
-def process_pending(db: Database, *, now: datetime) -> int:
+def _authenticated_before(
+    db: Database, inbound_id: int, authenticator: Authenticator | None
+) -> frozenset[str]:
+    """Check the reply's authentication before its write transaction opens (a DNS
+    timeout must not hold the database), and only when one of its lists needs it."""
+    if authenticator is None:
+        return frozenset()
+    with db.reading() as session:
+        inbound = session.get(InboundMessage, inbound_id)
+        if inbound is None:
+            return frozenset()
+        raw, rcpts = inbound.raw, list(inbound.rcpt_tos)
+        needed = False
+        for rcpt in rcpts:
+            target = next((c for c in addresses.candidates(rcpt) if c.kind is Kind.CONFIRM), None)
+            mlist = lists.find(session, target.list_address) if target is not None else None
+            needed |= mlist is not None and mlist.require_authenticated_sender
+    if not needed:
+        return frozenset()
+    return authenticator.domains(raw, mail.parse(raw))
+
+
+def process_pending(
+    db: Database,
+    *,
+    now: datetime,
+    authenticator: Authenticator | None = None,
+    tz: tzinfo = UTC,
+) -> int:
     """Process stored confirm mail, oldest first; returns the number of notices queued."""
     with db.reading() as session:
         ids = list(
@@ -63,8 +90,9 @@ def process_pending(db: Database, *, now: datetime) -> int:
     queued = 0
     for inbound_id in ids:
         try:
+            authenticated = _authenticated_before(db, inbound_id, authenticator)
             with db.session() as session:
-                queued += process(session, inbound_id, now=now)
+                queued += process(session, inbound_id, now=now, authenticated=authenticated, tz=tz)
         except Exception as exc:
             log.exception("inbound %d: confirm mail could not be processed", inbound_id)
             with db.session() as session:
@@ -72,7 +100,14 @@ def process_pending(db: Database, *, now: datetime) -> int:
     return queued
 
 
-def process(session: Session, inbound_id: int, *, now: datetime) -> int:
+def process(
+    session: Session,
+    inbound_id: int,
+    *,
+    now: datetime,
+    authenticated: frozenset[str] = frozenset(),
+    tz: tzinfo = UTC,
+) -> int:
     """Claim and process one stored confirm mail; returns the number of notices queued."""
     claimed = session.execute(
         sa.update(InboundMessage)
@@ -87,12 +122,21 @@ def process(session: Session, inbound_id: int, *, now: datetime) -> int:
     msg = mail.parse(inbound.raw)
     queued = 0
     for rcpt in dict.fromkeys(inbound.rcpt_tos):
-        queued += _process_one(session, inbound, msg, rcpt, now=now)
+        queued += _process_one(
+            session, inbound, msg, rcpt, now=now, authenticated=authenticated, tz=tz
+        )
     return queued
 
 
 def _process_one(
-    session: Session, inbound: InboundMessage, msg: EmailMessage, rcpt: str, *, now: datetime
+    session: Session,
+    inbound: InboundMessage,
+    msg: EmailMessage,
+    rcpt: str,
+    *,
+    now: datetime,
+    authenticated: frozenset[str],
+    tz: tzinfo,
 ) -> int:
     target = next((c for c in addresses.candidates(rcpt) if c.kind is Kind.CONFIRM), None)
     mlist = lists.find(session, target.list_address) if target is not None else None
@@ -135,7 +179,7 @@ def _process_one(
     actor = holds.moderator_among(session, mlist, candidates)
     if actor is None:
         return refuse(f"{sender} is not a moderator or owner of {mlist.address}")
-    if not _reply_authenticated(inbound.raw, msg, mlist):
+    if not _reply_authenticated(actor, mlist, authenticated):
         return refuse(f"{mlist.address} accepts decisions only from authenticated mail")
     post = holds.get_post(session, token.post_id)
     if post.state is not PostState.HELD:
@@ -145,7 +189,7 @@ def _process_one(
     if token.used_at is not None:
         return refuse("this notice's address was used already")
     try:
-        verdict = verdicts.read(msg)
+        verdict = verdicts.read(msg, tz)  # "approve at" times are the site's ([policy] timezone)
     except InvalidInput as exc:
         return refuse(str(exc))
     if verdict is None:

@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime, tzinfo
 
 from listserv.config import Settings
 from listserv.db import Database
 from listserv.models import utcnow
 from listserv.moderation import holds, replies
+from listserv.pipeline.auth import Authenticator
 
 log = logging.getLogger("listserv.moderation")
 
@@ -31,6 +32,7 @@ async def run(
     *,
     stop: asyncio.Event,
     on_queued: Callable[[], None],
+    authenticator: Authenticator | None = None,
 ) -> None:
     """Until `stop`: one round every poll_interval (at most MAX_INTERVAL seconds).
 
@@ -40,7 +42,14 @@ async def run(
     skip: set[int] = set()
     while not stop.is_set():
         try:
-            queued = await asyncio.to_thread(run_once, db, now=utcnow(), skip=skip)
+            queued = await asyncio.to_thread(
+                run_once,
+                db,
+                now=utcnow(),
+                skip=skip,
+                authenticator=authenticator,
+                tz=settings.policy.zone(),
+            )
         except Exception:
             log.exception("moderation round failed (will retry)")
             queued = 0
@@ -52,7 +61,14 @@ async def run(
             pass
 
 
-def run_once(db: Database, *, now: datetime, skip: set[int] | None = None) -> int:
+def run_once(
+    db: Database,
+    *,
+    now: datetime,
+    skip: set[int] | None = None,
+    authenticator: Authenticator | None = None,
+    tz: tzinfo = UTC,
+) -> int:
     """One round; returns how much was queued or decided (0: the scheduler need not wake).
 
     Expiry comes before announcing, so a hold older than its expiry (the daemon
@@ -68,7 +84,7 @@ def run_once(db: Database, *, now: datetime, skip: set[int] | None = None) -> in
         done += announced
         if announced < holds.ANNOUNCE_BATCH:
             break
-    done += replies.process_pending(db, now=now)
+    done += replies.process_pending(db, now=now, authenticator=authenticator, tz=tz)
     with db.session() as session:
         done += holds.remind(session, now=now)
     return done

@@ -19,11 +19,14 @@ from email.message import EmailMessage
 from listserv import mail
 from listserv.errors import InvalidInput
 
-#: the site's timezone for times without an offset ("approve at 2026-12-01 09:00")
+#: the timezone of times without an offset when no other is given; the daemon and
+#: the CLI pass the site's ([policy] timezone)
 SITE_TZ: tzinfo = UTC
 
 #: how a scheduled time is written (shown in instructions and errors)
-TIME_FORMAT = "YYYY-MM-DD HH:MM (UTC unless an offset such as +02:00 follows)"
+TIME_FORMAT = (
+    "YYYY-MM-DD HH:MM (the site's [policy] timezone unless an offset such as +02:00 follows)"
+)
 
 
 class Verb(enum.StrEnum):

@@ -43,7 +43,7 @@ import dns.name
 from publicsuffixlist import PublicSuffixList
 
 from listserv import addresses, mail
-from listserv.config import AuthSettings
+from listserv.config import AuthSettings, Settings
 from listserv.dns import DnsError, Resolver
 from listserv.errors import InvalidAddress
 
@@ -339,3 +339,25 @@ def _trusted_dmarc(
 def _reason(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return (lines[0] if lines else type(exc).__name__)[:200]
+
+
+class Authenticator:
+    """The site's authentication settings and resolver, made once per process.
+
+    Thread-safe (the resolver has its own lock and cache); callers run it in a
+    thread, outside any database transaction: a DNS timeout must not hold a lock.
+    """
+
+    def __init__(self, settings: AuthSettings, resolver: Resolver) -> None:
+        self.settings = settings
+        self.resolver = resolver
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Authenticator:
+        return cls(settings.auth, Resolver.from_settings(settings.dns))
+
+    def check(self, raw: bytes, msg: EmailMessage) -> AuthResult:
+        return check(raw, msg, settings=self.settings, resolver=self.resolver)
+
+    def domains(self, raw: bytes, msg: EmailMessage) -> frozenset[str]:
+        return self.check(raw, msg).domains

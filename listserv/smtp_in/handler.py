@@ -17,6 +17,7 @@ from listserv import replies
 from listserv.addresses import ListAddress
 from listserv.config import PolicySettings
 from listserv.db import Database
+from listserv.pipeline.auth import Authenticator
 from listserv.replies import Reply
 from listserv.smtp_in import intake
 
@@ -32,10 +33,12 @@ class InboundHandler:
         db: Database,
         on_accepted: Callable[[], None] = lambda: None,
         policy: PolicySettings | None = None,
+        authenticator: Authenticator | None = None,
     ) -> None:
         self.db = db
         self.on_accepted = on_accepted
         self.policy = policy or PolicySettings()
+        self.authenticator = authenticator
 
     async def handle_MAIL(
         self,
@@ -94,7 +97,13 @@ class InboundHandler:
             "DATA from %s: %d bytes for %s, storing", request.peer, len(content), request.rcpt_tos
         )
         try:
-            outcome = await asyncio.to_thread(intake.receive, self.db, request, policy=self.policy)
+            outcome = await asyncio.to_thread(
+                intake.receive,
+                self.db,
+                request,
+                policy=self.policy,
+                authenticator=self.authenticator,
+            )
         except Exception:
             # Nothing was committed: the client keeps the message and tries again.
             log.exception("DATA from %s: internal error, answered 451", request.peer)

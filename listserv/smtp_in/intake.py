@@ -34,6 +34,7 @@ from listserv.models import (
     PostState,
     Role,
 )
+from listserv.pipeline.auth import Authenticator
 from listserv.pipeline.context import SEVERITY, PostContext, Standing
 from listserv.pipeline.decide import decide
 from listserv.pipeline.decision import Action, Decision
@@ -88,16 +89,25 @@ def receive(
     *,
     policy: PolicySettings | None = None,
     now: datetime | None = None,
+    authenticator: Authenticator | None = None,
 ) -> Outcome:
     """Decide, store and answer one transaction; `policy` is the site's [policy]
-    section, `now` when it was received (tests pass one)."""
+    section, `now` when it was received (tests pass one), `authenticator` checks
+    who sent it (DKIM, trusted Authentication-Results)."""
     targets: dict[Kind, list[ListAddress]] = defaultdict(list)
     for target in envelope.targets or _resolve_all(db, envelope.rcpt_tos):
         if isinstance(target, Reply):
             return Outcome(target)
         targets[target.kind].append(target)
     try:
-        return _receive(db, envelope, targets, policy or PolicySettings(), now or datetime.now(UTC))
+        return _receive(
+            db,
+            envelope,
+            targets,
+            policy or PolicySettings(),
+            now or datetime.now(UTC),
+            authenticator,
+        )
     except NotFound as exc:  # a list deleted between RCPT and DATA
         return Outcome(replies.NO_SUCH_LIST.with_text(str(exc)))
 
@@ -106,15 +116,18 @@ def _resolve_all(db: Database, rcpts: tuple[str, ...]) -> list[ListAddress | Rep
     return [resolve(db, rcpt) for rcpt in rcpts]
 
 
-def _authenticated(envelope: Envelope, msg: EmailMessage) -> frozenset[str]:
+def _authenticated(
+    envelope: Envelope, msg: EmailMessage, authenticator: Authenticator | None
+) -> frozenset[str]:
     """The From:/Sender: domains whose mail is authenticated (DKIM aligned, or a
     trusted DMARC pass): lists with require_authenticated_sender believe only those.
 
-    The one place sender authentication plugs in (listserv/pipeline/auth.py, from
-    the sender-authentication work). Until then nothing is authenticated, so such
-    lists hold every post of their authorized senders ("sender not authenticated").
+    DNS and signature work, done before any database transaction opens. Without an
+    authenticator (a caller that has none) nothing is authenticated.
     """
-    return frozenset()
+    if authenticator is None:
+        return frozenset()
+    return authenticator.domains(envelope.content, msg)
 
 
 def _receive(
@@ -123,12 +136,13 @@ def _receive(
     targets: dict[Kind, list[ListAddress]],
     policy: PolicySettings,
     now: datetime,
+    authenticator: Authenticator | None,
 ) -> Outcome:
     msg = mail.parse(envelope.content)
     decisions: list[tuple[MailingList, PostContext, Decision]] = []
     refusal: tuple[MailingList, PostContext, Decision] | None = None
     if targets.get(Kind.POST):
-        authenticated = _authenticated(envelope, msg)
+        authenticated = _authenticated(envelope, msg, authenticator)
         with db.reading() as session:
             found = (lists.get(session, t.list_address) for t in dict.fromkeys(targets[Kind.POST]))
             mlists = list({m.id: m for m in found}.values())

@@ -28,6 +28,7 @@ from aiosmtpd.smtp import SMTP, syntax
 from listserv import replies
 from listserv.config import PolicySettings, ServerSettings
 from listserv.db import Database
+from listserv.pipeline.auth import Authenticator
 from listserv.replies import Reply
 from listserv.smtp_in.handler import InboundHandler
 
@@ -60,9 +61,13 @@ class InboundServer:
         *,
         on_accepted: Callable[[], None] = lambda: None,
         policy: PolicySettings | None = None,
+        authenticator: Authenticator | None = None,
     ) -> InboundServer:
         """Listen on settings.host:port (port 0: any free port, see `port`)."""
-        inbound = cls(InboundHandler(db, on_accepted=on_accepted, policy=policy), settings)
+        inbound = cls(
+            InboundHandler(db, on_accepted=on_accepted, policy=policy, authenticator=authenticator),
+            settings,
+        )
         loop = asyncio.get_running_loop()
         inbound._server = await loop.create_server(
             lambda: ListservSMTP(inbound), settings.host, settings.port
