@@ -10,7 +10,10 @@ and prints:
   accepted at the sink;
 - the daemon's peak RSS (VmHWM);
 - for comparison, a bare aiosmtplib loop (same sink, same recipients,
-  500 per transaction, same connection count) measured in the same run.
+  500 per transaction, same connection count) measured in the same run;
+- in personalized mode, messages/s (signed with --dkim) and, as the yardstick
+  for one message per recipient, the unsigned one-recipient bare loop of the
+  same run (one message per recipient, same connection count).
 
 It asserts nothing; it prints figures. Everything runs on 127.0.0.1.
 
@@ -147,11 +150,13 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
-async def bare_loop(port: int, rcpts: list[str], message: bytes, connections: int) -> float:
-    """The yardstick: aiosmtplib alone, 500 recipients per transaction."""
+async def bare_loop(
+    port: int, rcpts: list[str], message: bytes, connections: int, per_message: int = 500
+) -> float:
+    """The yardstick: aiosmtplib alone, `per_message` recipients per transaction."""
     import aiosmtplib
 
-    chunks = [rcpts[i : i + 500] for i in range(0, len(rcpts), 500)]
+    chunks = [rcpts[i : i + per_message] for i in range(0, len(rcpts), per_message)]
     queue: asyncio.Queue[list[str]] = asyncio.Queue()
     for chunk in chunks:
         queue.put_nowait(chunk)
@@ -283,6 +288,9 @@ def main() -> None:
     print(f"250 -> last rcpt:   {elapsed:.2f} s")
     print(f"throughput:         {args.members / elapsed:,.0f} recipients/s")
     print(f"daemon peak RSS:    {rss:.1f} MiB")
+    if args.mode == "personalized":
+        signed = "signed " if args.dkim else ""
+        print(f"messages:           {args.members / elapsed:,.0f} {signed}messages/s")
     if not args.no_baseline:
         base_sink = SinkProcess(work, kind)
         seconds = asyncio.run(bare_loop(base_sink.port, rcpts, message, args.connections))
@@ -292,6 +300,15 @@ def main() -> None:
             f"{args.connections} connections, 500 per transaction); listserv reaches "
             f"{seconds / elapsed:.0%} of it"
         )
+        if args.mode == "personalized":
+            base_sink = SinkProcess(work, kind)
+            seconds = asyncio.run(bare_loop(base_sink.port, rcpts, message, args.connections, 1))
+            base_sink.finish()
+            print(
+                f"bare, 1 rcpt/msg:   {seconds:.2f} s ({args.members / seconds:,.0f} unsigned "
+                f"messages/s, {args.connections} connections); listserv reaches "
+                f"{seconds / elapsed:.2f} x of it"
+            )
     if args.keep:
         print(f"work directory:     {work}")
     else:

@@ -102,7 +102,8 @@ _CANONICALIZATIONS: tuple[str, ...] = ("relaxed", "simple")
 _FIELD_NAME = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
 _WSP = re.compile(rb"[ \t]+")
 _WSP_AT_EOL = re.compile(rb"[ \t]+(?=\r\n|\Z)")
-_BARE_LF = re.compile(rb"\r?\n")
+#: A line ending other than CRLF, as aiosmtplib (protocol.py) finds and sends as CRLF.
+_BARE_EOL = re.compile(rb"\r\n|\n|\r(?!\n)")
 #: Longest line of the DKIM-Signature field we write, CRLF excluded (RFC 5322
 #: §2.1.1 asks for at most 78).
 _LINE = 76
@@ -415,8 +416,8 @@ class Signer:
     def template(self, message: bytes, differs_at: int) -> SigningTemplate | None:
         """Hash once what every copy of `message` shares: its copies are `message`
         up to `differs_at` and anything after. None when that leaves nothing to
-        share: the copies differ in the header, or `message` has bare LFs."""
-        if _has_bare_lf(message):
+        share: the copies differ in the header, or `message` has bare CRs or LFs."""
+        if _has_bare_eol(message):
             return None
         end = message.find(b"\r\n\r\n")
         if end < 0 or differs_at < end + 4:
@@ -483,6 +484,11 @@ class SigningTemplate:
         self._headers = headers
         self._h_value = h_value
         self._body = body
+
+    @property
+    def shared(self) -> int:
+        """How many leading bytes of each copy were hashed once, for the whole post."""
+        return len(self._prefix)
 
     def sign(self, message: bytes, *, timestamp: int | None = None) -> bytes:
         """The same bytes as ``signer.sign(message, timestamp=...)``, hashing only the rest."""
@@ -599,12 +605,14 @@ def _relaxed_lines(data: bytes) -> bytes:
 
 
 def _crlf(message: bytes) -> bytes:
-    """CRLF line endings: SMTP clients send a bare LF as CRLF, so a verifier sees those."""
-    return _BARE_LF.sub(b"\r\n", message) if _has_bare_lf(message) else message
+    """CRLF line endings: our SMTP client sends a bare LF or CR as CRLF, so that is
+    what every verifier sees and what we must sign."""
+    return _BARE_EOL.sub(b"\r\n", message) if _has_bare_eol(message) else message
 
 
-def _has_bare_lf(data: bytes) -> bool:
-    return data.count(b"\n") != data.count(b"\r\n")
+def _has_bare_eol(data: bytes) -> bool:
+    crlf = data.count(b"\r\n")
+    return data.count(b"\n") != crlf or data.count(b"\r") != crlf
 
 
 def _fold_signature(head: bytes, t: bytes, h_value: bytes, bh: bytes) -> bytes:
