@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import hashlib
 import os
 import re
@@ -100,7 +101,10 @@ _CANONICALIZATIONS: tuple[str, ...] = ("relaxed", "simple")
 #: A field name is printable ASCII but ':' (RFC 5322 §3.6.8); obsolete syntax
 #: allows WSP before the colon (§4.5), which relaxed canonicalization drops.
 _FIELD_NAME = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
-_WSP = re.compile(rb"[ \t]+")
+#: A WSP run that relaxed canonicalization changes: not a single SP. Matching
+#: only those keeps ordinary text (one SP between words) free of substitutions,
+#: which cost 0.2 ms per 4 KB message when every space was one.
+_WSP = re.compile(rb"\t[ \t]*| [ \t]+")
 _WSP_AT_EOL = re.compile(rb"[ \t]+(?=\r\n|\Z)")
 #: A line ending other than CRLF, as aiosmtplib (protocol.py) finds and sends as CRLF.
 _BARE_EOL = re.compile(rb"\r\n|\n|\r(?!\n)")
@@ -575,7 +579,10 @@ def canonicalize_header(field: bytes, method: Canonicalization) -> bytes:
         raise InvalidInput(f"not a header field: {field[:40]!r}")
     if value.endswith(b"\r\n"):
         value = value[:-2]
-    value = _WSP.sub(b" ", value.replace(b"\r\n", b"")).strip(b" ")
+    value = value.replace(b"\r\n", b"")
+    if b"\t" in value or b"  " in value:
+        value = _WSP.sub(b" ", value)
+    value = value.strip(b" ")
     return name.rstrip(b" \t").lower() + b":" + value + b"\r\n"
 
 
@@ -600,8 +607,16 @@ def canonicalize_body(body: bytes, method: Canonicalization) -> bytes:
 
 
 def _relaxed_lines(data: bytes) -> bytes:
-    """The line-local part of relaxed body canonicalization (RFC 6376 §3.4.4 a)."""
-    return _WSP.sub(b" ", _WSP_AT_EOL.sub(b"", data))
+    """The line-local part of relaxed body canonicalization (RFC 6376 §3.4.4 a).
+
+    Each regex runs only when a (memchr-fast) search finds work for it: most
+    bodies have neither trailing WSP nor tabs or double spaces.
+    """
+    if b" \r\n" in data or b"\t\r\n" in data or data.endswith((b" ", b"\t")):
+        data = _WSP_AT_EOL.sub(b"", data)
+    if b"\t" in data or b"  " in data:
+        data = _WSP.sub(b" ", data)
+    return data
 
 
 def _crlf(message: bytes) -> bytes:
@@ -618,9 +633,18 @@ def _has_bare_eol(data: bytes) -> bool:
 def _fold_signature(head: bytes, t: bytes, h_value: bytes, bh: bytes) -> bytes:
     """``DKIM-Signature: ...; b=`` CRLF, folded so no line passes 76 characters.
 
-    b= comes last, on a line of its own, so removing its value (RFC 6376 §3.5)
-    leaves exactly what was hashed whatever FWS a verifier takes with it.
+    The tags that are the same for every message of a post come first (folded
+    once, cached); t= and bh= share the next line, b= comes last on a line of its
+    own, so removing its value (RFC 6376 §3.5) leaves exactly what was hashed
+    whatever FWS a verifier takes with it.
     """
+    return b"%s\r\n %s bh=%s;\r\n b=\r\n" % (_fold_fixed(head, h_value), t, bh)
+
+
+@functools.lru_cache(maxsize=64)
+def _fold_fixed(head: bytes, h_value: bytes) -> bytes:
+    """v= a= c= d= s= h=, folded: 50 µs a message before it was cached (one post's
+    copies share one h=)."""
     lines: list[bytes] = []
     line = b"DKIM-Signature:"
 
@@ -634,16 +658,13 @@ def _fold_signature(head: bytes, t: bytes, h_value: bytes, bh: bytes) -> bytes:
 
     for tag in head.split(b" "):
         put(tag, b" ")
-    put(t, b" ")
     names = h_value.split(b":")
     for i, name in enumerate(names):
         # h= may fold around its colons (RFC 6376 §3.5: [FWS] ":" [FWS]).
         atom = (b"h=" if i == 0 else b"") + name + (b";" if i == len(names) - 1 else b":")
         put(atom, b" " if i == 0 else b"")
-    put(b"bh=" + bh + b";", b" ")
     lines.append(line)
-    lines.append(b" b=")
-    return b"\r\n".join(lines) + b"\r\n"
+    return b"\r\n".join(lines)
 
 
 def _fold_b64(value: bytes) -> bytes:
