@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Callable
-from pathlib import Path
 
 import dkim as dkimpy
 import pytest
@@ -202,9 +201,7 @@ def test_an_added_oversigned_header_breaks_a_personalized_copy(
     assert not verifies(head + b"\r\n" + field.rstrip() + sep + body)
 
 
-def test_a_placeholder_in_the_header_falls_back_to_full_signing(
-    key: dkim.SigningKey, tmp_path: Path
-) -> None:
+def test_a_placeholder_in_the_header_falls_back_to_full_signing(key: dkim.SigningKey) -> None:
     """A poster who writes the placeholder into the Subject makes the headers differ per copy."""
     raw = PLAIN.replace(b"Subject: Hi", b"Subject: " + prepare.PLACEHOLDER.encode())
     personalizer = prepare.Personalizer(prepare.render(raw, VIEW, None), VIEW)
