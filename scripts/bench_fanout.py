@@ -10,7 +10,10 @@ and prints:
   accepted at the sink;
 - the daemon's peak RSS (VmHWM);
 - for comparison, a bare aiosmtplib loop (same sink, same recipients,
-  500 per transaction, same connection count) measured in the same run.
+  500 per transaction, same connection count) measured in the same run;
+- in personalized mode, messages/s (signed with --dkim) and, as the yardstick
+  for one message per recipient, the unsigned one-recipient bare loop of the
+  same run (one message per recipient, same connection count).
 
 It asserts nothing; it prints figures. Everything runs on 127.0.0.1.
 
@@ -152,23 +155,32 @@ def peak_rss_mib(pid: int) -> float:
 
 
 def bare_loops(
-    port: int, rcpts: list[str], message: bytes, connections: int, processes: int
+    port: int,
+    rcpts: list[str],
+    message: bytes,
+    connections: int,
+    processes: int,
+    per_message: int = 500,
 ) -> float:
     """The bare loop in `processes` processes, each with its share of the recipients."""
     if processes <= 1:
-        return asyncio.run(bare_loop(port, rcpts, message, connections))
+        return asyncio.run(bare_loop(port, rcpts, message, connections, per_message))
     import multiprocessing
 
     shares = [rcpts[i::processes] for i in range(processes)]
     ctx = multiprocessing.get_context("fork")
     start = time.perf_counter()
     with ctx.Pool(processes) as pool:
-        pool.starmap(_bare_share, [(port, share, message, connections) for share in shares])
+        pool.starmap(
+            _bare_share, [(port, share, message, connections, per_message) for share in shares]
+        )
     return time.perf_counter() - start
 
 
-def _bare_share(port: int, rcpts: list[str], message: bytes, connections: int) -> float:
-    return asyncio.run(bare_loop(port, rcpts, message, connections))
+def _bare_share(
+    port: int, rcpts: list[str], message: bytes, connections: int, per_message: int
+) -> float:
+    return asyncio.run(bare_loop(port, rcpts, message, connections, per_message))
 
 
 def process_tree(pid: int) -> list[int]:
@@ -185,11 +197,13 @@ def process_tree(pid: int) -> list[int]:
     return pids
 
 
-async def bare_loop(port: int, rcpts: list[str], message: bytes, connections: int) -> float:
-    """The yardstick: aiosmtplib alone, 500 recipients per transaction."""
+async def bare_loop(
+    port: int, rcpts: list[str], message: bytes, connections: int, per_message: int = 500
+) -> float:
+    """The yardstick: aiosmtplib alone, `per_message` recipients per transaction."""
     import aiosmtplib
 
-    chunks = [rcpts[i : i + 500] for i in range(0, len(rcpts), 500)]
+    chunks = [rcpts[i : i + per_message] for i in range(0, len(rcpts), per_message)]
     queue: asyncio.Queue[list[str]] = asyncio.Queue()
     for chunk in chunks:
         queue.put_nowait(chunk)
@@ -331,6 +345,9 @@ def main() -> None:
     print(f"250 -> last rcpt:   {elapsed:.2f} s")
     print(f"throughput:         {args.members / elapsed:,.0f} recipients/s")
     print(f"daemon peak RSS:    {', '.join(f'{r:.1f}' for r in rss)} MiB (per process)")
+    if args.mode == "personalized":
+        signed = "signed " if args.dkim else ""
+        print(f"messages:           {args.members / elapsed:,.0f} {signed}messages/s")
     if not args.no_baseline:
         procs = max(1, args.workers)
         base_sink = SinkProcess(work, kind)
@@ -341,6 +358,16 @@ def main() -> None:
             f"{procs} process(es) x {args.connections} connections, 500 per transaction);"
             f" listserv reaches {seconds / elapsed:.2f} x of it"
         )
+        if args.mode == "personalized":
+            base_sink = SinkProcess(work, kind)
+            seconds = bare_loops(base_sink.port, rcpts, message, args.connections, procs, 1)
+            base_sink.finish()
+            print(
+                f"bare, 1 rcpt/msg:   {seconds:.2f} s ({args.members / seconds:,.0f} unsigned "
+                f"messages/s, {procs} process(es) x {args.connections} connections);"
+                " listserv reaches "
+                f"{seconds / elapsed:.2f} x of it"
+            )
     if args.keep:
         print(f"work directory:     {work}")
     else:

@@ -1,18 +1,21 @@
 #!/usr/bin/env python3
 """Cross-check our DKIM signatures with an independent verifier (Perl Mail::DKIM).
 
-The test suite verifies with dkimpy, which also signs; this script renders
-sample posts through listserv's real pipeline (decorate + sign), then asks
-Perl's Mail::DKIM (Debian: libmail-dkim-perl) to verify each one, serving our
-public key in place of DNS, as the quoted strings of the zone-file line
-`listserv dkim keygen` prints. It also checks that tampered copies fail: a
-changed body, and an extra From, Subject or List-Unsubscribe added above or
-below the signed ones (oversigning: h= names each once more than it occurs).
-Offline; prints one line per message and exits non-zero on any mismatch.
+The test suite verifies with dkimpy; this script renders sample posts through
+listserv's real pipeline (decorate + our own signer), shared and personalized
+(copies on the fast path, hashed once per post, and full renders), with
+relaxed/relaxed and simple/simple, then asks Perl's Mail::DKIM (Debian:
+libmail-dkim-perl) to verify each one, serving our public key in place of DNS,
+as the quoted strings of the zone-file line `listserv dkim keygen` prints. It
+also checks that tampered copies fail: a changed body, and an extra From,
+Subject or List-Unsubscribe added above or below the signed ones (oversigning:
+h= names each once more than it occurs). Offline; prints one line per message
+and exits non-zero on any mismatch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 import sys
@@ -56,7 +59,13 @@ SAMPLES = {
         b"--b--\r\n"
     ),
     "no-headers-to-speak-of": b"From: boss@example.org\r\n\r\nbody only\r\n",
+    "trailing-space-and-blank-lines": (
+        b"From: boss@example.org\r\nSubject:   spaced\t out  \r\n\r\n"
+        b"text with trailing space   \r\n\t\r\n\r\n\r\n"
+    ),
 }
+#: One recipient per path: the first two take the fast path, the others a full render.
+RECIPIENTS = ("ann@one.example", "bob.smith+lists@two.example", "zoë@three.example")
 
 
 def main() -> int:
@@ -79,11 +88,22 @@ def main() -> int:
         footer="",
         delivery_mode=DeliveryMode.SHARED,
     )
-    signer = dkim.Signer(key)
+    personal = dataclasses.replace(view, delivery_mode=DeliveryMode.PERSONALIZED)
+    messages: list[tuple[str, bytes]] = []
+    canons: tuple[dkim.Canonicalization, ...] = ("relaxed", "simple")
+    for canon in canons:
+        signer = dkim.Signer(key, header_canon=canon, body_canon=canon)
+        for name, raw in SAMPLES.items():
+            messages.append((f"{name} {canon} shared", prepare.render(raw, view, signer)))
+            personalizer = prepare.Personalizer(prepare.render(raw, personal, None), personal)
+            assert personalizer.signing_template(signer) is not None
+            for rcpt in RECIPIENTS:
+                path = "fast" if personalizer.fits_fast_path(rcpt) else "full render"
+                [copy] = personalizer.render_all([rcpt], signer)
+                messages.append((f"{name} {canon} personalized {path} {rcpt}", copy))
     files: list[tuple[str, Path, str]] = []
-    for name, raw in SAMPLES.items():
-        signed = prepare.render(raw, view, signer)
-        good = work / f"{name}.eml"
+    for n, (name, signed) in enumerate(messages):
+        good = work / f"{n}.eml"
         good.write_bytes(signed)
         files.append((name, good, "pass"))
         head, sep, body = signed.partition(b"\r\n\r\n")
@@ -94,7 +114,7 @@ def main() -> int:
             "List-Unsubscribe prepended": b"List-Unsubscribe: <https://evil.example/>\r\n" + signed,
         }
         for i, (how, data) in enumerate(tampered.items()):
-            bad = work / f"{name}-tampered-{i}.eml"
+            bad = work / f"{n}-tampered-{i}.eml"
             bad.write_bytes(data)
             files.append((f"{name} ({how})", bad, "fail"))
     script = work / "verify.pl"

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Callable
 
+import dkim as dkimpy
 import pytest
 from conftest import message
 
 from listserv import mail
-from listserv.distribute import decorate, prepare
+from listserv.distribute import decorate, dkim, prepare
 from listserv.models import DeliveryMode
 
 VIEW = prepare.ListView(
@@ -111,3 +113,101 @@ def test_shared_render_has_footer_headers_and_no_placeholder() -> None:
     assert "To unsubscribe, send an e-mail to staff-leave@lists.example.org" in text
     assert "Be kind." in text
     assert "You are subscribed as" not in text
+
+
+# Signed personalized copies
+
+
+@pytest.fixture(scope="module")
+def key(tmp_path_factory: pytest.TempPathFactory) -> dkim.SigningKey:
+    return dkim.generate_key(tmp_path_factory.mktemp("keys"), VIEW.domain, "s1", bits=1024)
+
+
+def verifier(key: dkim.SigningKey) -> Callable[[bytes], bool]:
+    expected = f"{key.selector}._domainkey.{key.domain}.".encode()
+
+    def dnsfunc(name: bytes, timeout: int = 5) -> bytes | None:
+        return key.public_txt().encode() if name == expected else None
+
+    return lambda data: bool(dkimpy.verify(data, dnsfunc=dnsfunc))
+
+
+CANONS: list[dkim.Canonicalization] = ["relaxed", "simple"]
+
+
+@pytest.mark.parametrize("canon", CANONS)
+@pytest.mark.parametrize("raw", [PLAIN, ALTERNATIVE, BASE64], ids=["8bit", "alternative", "base64"])
+def test_signed_personalized_copies_verify_on_both_paths(
+    key: dkim.SigningKey, canon: dkim.Canonicalization, raw: bytes
+) -> None:
+    signer = dkim.Signer(key, header_canon=canon, body_canon=canon)
+    template = prepare.render(raw, VIEW, None)
+    personalizer = prepare.Personalizer(template, VIEW)
+    verifies = verifier(key)
+
+    signed = personalizer.render_all(RECIPIENTS, signer)
+
+    for recipient, data in zip(RECIPIENTS, signed, strict=True):
+        assert verifies(data), recipient
+        unsigned = personalizer.render(recipient)
+        assert data.endswith(unsigned)
+        if personalizer.fits_fast_path(recipient):
+            assert recipient.encode() in data
+            assert not verifies(data.replace(recipient.encode(), b"eve@evil.example"))
+        flipped = data[:-3] + bytes([data[-3] ^ 1]) + data[-2:]  # last byte of the body
+        assert not verifies(flipped)
+    assert [r for r in RECIPIENTS if personalizer.fits_fast_path(r)] == RECIPIENTS[:3]
+    assert personalizer.signing_template(signer) is not None
+
+
+@pytest.mark.parametrize("canon", CANONS)
+def test_fast_path_signing_equals_signing_the_whole_copy(
+    key: dkim.SigningKey, canon: dkim.Canonicalization
+) -> None:
+    signer = dkim.Signer(key, header_canon=canon, body_canon=canon)
+    personalizer = prepare.Personalizer(prepare.render(ALTERNATIVE, VIEW, None), VIEW)
+    template = personalizer.signing_template(signer)
+    assert template is not None
+    assert personalizer.signing_template(signer) is template  # once per post and signer
+
+    for recipient in RECIPIENTS:
+        data = personalizer.render(recipient)
+        assert template.sign(data, timestamp=1_700_000_000) == signer.sign(
+            data, timestamp=1_700_000_000
+        )
+    header_end = personalizer.render(RECIPIENTS[0]).find(b"\r\n\r\n")
+    assert template.shared > header_end + len(b"\r\n\r\nHello.")  # body hashed once too
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        b"From: Mallory <mallory@example.com>\r\n",
+        b"Subject: [staff] reset your password\r\n",
+        b"List-Unsubscribe: <https://evil.example.com/u>\r\n",
+    ],
+    ids=["from", "subject", "list-unsubscribe"],
+)
+def test_an_added_oversigned_header_breaks_a_personalized_copy(
+    key: dkim.SigningKey, field: bytes
+) -> None:
+    personalizer = prepare.Personalizer(prepare.render(PLAIN, VIEW, None), VIEW)
+    [data] = personalizer.render_all(["ann@one.example"], dkim.Signer(key))
+    verifies = verifier(key)
+    head, sep, body = data.partition(b"\r\n\r\n")
+    assert verifies(data)
+
+    assert not verifies(field + data)
+    assert not verifies(head + b"\r\n" + field.rstrip() + sep + body)
+
+
+def test_a_placeholder_in_the_header_falls_back_to_full_signing(key: dkim.SigningKey) -> None:
+    """A poster who writes the placeholder into the Subject makes the headers differ per copy."""
+    raw = PLAIN.replace(b"Subject: Hi", b"Subject: " + prepare.PLACEHOLDER.encode())
+    personalizer = prepare.Personalizer(prepare.render(raw, VIEW, None), VIEW)
+    signer = dkim.Signer(key)
+
+    copies = personalizer.render_all(RECIPIENTS[:2], signer)
+
+    assert personalizer.signing_template(signer) is None
+    assert all(verifier(key)(data) for data in copies)

@@ -121,13 +121,17 @@ _SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ012345678
 
 
 class Personalizer:
-    """Renders one post's copies, each with its own footer line (unsigned).
+    """Renders one post's copies, each with its own footer line, and signs them.
 
     The footer is rendered once with a placeholder, and a copy is that render
     with the address put in its place, wherever that is exact: the placeholder
     came out verbatim (not base64), the address needs no escaping in text, HTML
     or quoted-printable, and no line grows past 76 characters. Other recipients
     get a full render.
+
+    Fast-path copies are byte-identical up to the placeholder's line, so their
+    signing hashes that shared part once per post (`dkim.SigningTemplate`) and
+    only the rest per copy; full renders are signed from scratch.
     """
 
     def __init__(self, template: bytes, view: ListView) -> None:
@@ -139,6 +143,9 @@ class Personalizer:
         lines = (len(line) for line in self._fast.splitlines() if token in line)
         self._room = 76 - max(lines, default=999)
         self._usable = token in self._fast
+        # (signer, its template for self._fast), made on first use by the first
+        # thread to sign; a race makes two equal ones, and the swap is atomic.
+        self._signing: tuple[dkim.Signer, dkim.SigningTemplate | None] | None = None
 
     def fits_fast_path(self, recipient: str) -> bool:
         return (
@@ -153,13 +160,26 @@ class Personalizer:
         footer = footer_text(self.view, recipient)
         return mail.to_bytes(decorate.add_footer(copy.deepcopy(self._base), footer))
 
+    def signing_template(self, signer: dkim.Signer) -> dkim.SigningTemplate | None:
+        """The per-post signing state for fast-path copies, or None (no fast path)."""
+        cached = self._signing
+        if cached is not None and cached[0] is signer:
+            return cached[1]
+        template = (
+            signer.template(self._fast, self._fast.find(PLACEHOLDER.encode()))
+            if self._usable
+            else None
+        )
+        self._signing = (signer, template)
+        return template
+
     def render_all(self, recipients: list[str], signer: dkim.Signer | None) -> list[bytes]:
         """One message per recipient, each with its own footer line and signature."""
-        out: list[bytes] = []
-        for recipient in recipients:
-            data = self.render(recipient)
-            out.append(signer.sign(data) if signer else data)
-        return out
+        if signer is None:
+            return [self.render(recipient) for recipient in recipients]
+        template = self.signing_template(signer)
+        sign = signer.sign if template is None else template.sign
+        return [sign(self.render(recipient)) for recipient in recipients]
 
 
 def personalize(
