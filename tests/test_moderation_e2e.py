@@ -228,3 +228,42 @@ async def test_confirm_mail_stored_before_the_daemon_started_is_processed_when_i
         kinds = s.scalars(sa.select(InboundMessage.kind).order_by(InboundMessage.id)).all()
     assert kinds == ["post", "confirm"]
     assert post_of(db, post_id).decided_by == MODERATOR
+
+
+async def test_a_post_held_by_the_rules_is_approved_by_reply_and_reaches_every_member(
+    db: Database, sink: Sink, daemon_factory: Any
+) -> None:
+    """Nothing made by hand: a stranger's post to a members list is held by the rules
+    (nonmember_action hold), announced, approved by a moderator's SMTP reply, sent."""
+    setup_list(db)
+    daemon = await daemon_factory()
+    errors, reply = await aiosmtplib.send(
+        message(
+            f"""
+            From: A Stranger <{SENDER}>
+            To: {LIST}
+            Subject: May I?
+            Message-ID: <may-i@elsewhere.example>
+
+            A question for everyone.
+            """
+        ),
+        sender=SENDER,
+        recipients=[LIST],
+        hostname="127.0.0.1",
+        port=daemon.port,
+        timeout=10,
+    )
+    assert errors == {} and "Queued as" in reply
+    post_id = int(reply.rsplit(" ", 1)[1])
+    assert post_of(db, post_id).state is PostState.HELD
+    notice = (await mail_for(sink, MODERATOR, "held for approval")).message()
+    assert "May I?" in str(notice["Subject"]) and SENDER in str(notice["Subject"])
+    await mail_for(sink, SENDER, "awaits moderator approval")
+    await answer(daemon.port, str(notice["Reply-To"]), "approve\n")
+    await sink.wait_for_recipients(len(MEMBERS) + 2, timeout=15)  # + the two notices so far
+    await wait_until(lambda: post_of(db, post_id).state is PostState.SENT)
+    delivered = [r for r in sink.received if "May I?" in str(r.message()["Subject"])]
+    assert sorted(a for r in delivered for a in r.rcpt_tos if a in MEMBERS) == sorted(MEMBERS)
+    await mail_for(sink, SENDER, "approved")
+    await mail_for(sink, MODERATOR, "approved")
