@@ -130,6 +130,17 @@ def _authenticated(
     return authenticator.domains(envelope.content, msg)
 
 
+def _needs_authentication(db: Database, targets: list[ListAddress]) -> bool:
+    """Whether a list of this post believes only authenticated senders: only then is
+    the DKIM and DNS work done (a slow resolver must not slow every post)."""
+    with db.reading() as session:
+        return any(
+            mlist.require_authenticated_sender
+            for t in dict.fromkeys(targets)
+            if (mlist := lists.find(session, t.list_address)) is not None
+        )
+
+
 def _receive(
     db: Database,
     envelope: Envelope,
@@ -142,7 +153,9 @@ def _receive(
     decisions: list[tuple[MailingList, PostContext, Decision]] = []
     refusal: tuple[MailingList, PostContext, Decision] | None = None
     if targets.get(Kind.POST):
-        authenticated = _authenticated(envelope, msg, authenticator)
+        authenticated: frozenset[str] = frozenset()
+        if _needs_authentication(db, targets[Kind.POST]):
+            authenticated = _authenticated(envelope, msg, authenticator)
         with db.reading() as session:
             found = (lists.get(session, t.list_address) for t in dict.fromkeys(targets[Kind.POST]))
             mlists = list({m.id: m for m in found}.values())
