@@ -189,11 +189,18 @@ def personalize(
     return Personalizer(template, view).render_all(recipients, signer)
 
 
+#: domains already warned about in this process: once each, not once per post
+_UNSIGNED_WARNED: set[str] = set()
+
+
 def signer_for(keys_dir: Path, domain: str) -> dkim.Signer | None:
     key = dkim.active_key(keys_dir, domain)
     if key is None:
-        log.warning("no DKIM key for %s: sending unsigned (run `listserv dkim keygen`)", domain)
+        if domain not in _UNSIGNED_WARNED:
+            _UNSIGNED_WARNED.add(domain)
+            log.warning("no DKIM key for %s: sending unsigned (run `listserv dkim keygen`)", domain)
         return None
+    _UNSIGNED_WARNED.discard(domain)  # a key now: warn again should it go away
     return dkim.Signer(key)
 
 

@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""Inbound benchmark: posts accepted per second and the time to the 250, at several
+client concurrencies, optionally while a big fan-out is going out.
+
+Starts a counting sink and `listserv serve` (SQLite in a scratch directory, or
+--database), creates a small list and, with --fanout N, a list of N members and
+one post to it; then, for each concurrency C in --clients, C clients each send
+--posts posts over their own SMTP connection. It prints, per C, accepted
+posts/s, p50 and p99 from the start of a transaction to its 250, and, with a
+fan-out, when that post finished. It asserts nothing. Everything runs on 127.0.0.1.
+
+    python scripts/bench_inbound.py --clients 1,10,100 --posts 20 --fanout 100000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from bench_fanout import LISTSERV, SinkProcess, free_port, post_message, run, wait_port
+
+SMALL = "small@lists.example.org"
+BIG = "big@lists.example.org"
+SENDER = "president@example.org"
+
+
+async def one_client(port: int, posts: int, message: bytes, latencies: list[float]) -> None:
+    import aiosmtplib
+
+    smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=60)
+    await smtp.connect()
+    try:
+        for _ in range(posts):
+            started = time.perf_counter()
+            await smtp.sendmail(SENDER, [SMALL], message)
+            latencies.append(time.perf_counter() - started)
+    finally:
+        await smtp.quit()
+
+
+async def round_of(
+    port: int, clients: int, posts: int, message: bytes
+) -> tuple[float, list[float]]:
+    latencies: list[float] = []
+    started = time.perf_counter()
+    await asyncio.gather(*(one_client(port, posts, message, latencies) for _ in range(clients)))
+    return time.perf_counter() - started, sorted(latencies)
+
+
+def percentile(values: list[float], p: float) -> float:
+    return values[min(len(values) - 1, round(p * (len(values) - 1)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", default="1,10,100", help="comma-separated concurrencies")
+    parser.add_argument("--posts", type=int, default=20, help="posts per client")
+    parser.add_argument(
+        "--fanout", type=int, default=0, help="members of a big post sent meanwhile"
+    )
+    parser.add_argument("--workers", type=int, default=0, help="serve --workers K")
+    parser.add_argument("--database", default="", help="a database URL (default: SQLite)")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="listserv-inbound-"))
+    kind = "smtp-sink" if shutil.which("smtp-sink") else "python"
+    sink = SinkProcess(work, kind)
+    smtp_port = free_port()
+    db_url = args.database or f"sqlite:///{work}/bench.db"
+    config = work / "listserv.toml"
+    config.write_text(
+        f'[server]\nhost = "127.0.0.1"\nport = {smtp_port}\nhostname = "lists.example.org"\n'
+        "max_connections = 500\nmax_connections_per_ip = 500\n"
+        f'[database]\nurl = "{db_url}"\n'
+        f'[delivery]\nhost = "127.0.0.1"\nport = {sink.port}\npoll_interval = 0.5\n'
+        f'[dkim]\nkeys_dir = "{work}/dkim"\n[http]\nenabled = false\n'
+        '[logging]\nlevel = "WARNING"\n'
+    )
+    env = dict(os.environ, LISTSERV_CONFIG=str(config))
+    daemon: subprocess.Popen[bytes] | None = None
+    try:
+        run([*LISTSERV, "init"], env)
+        for address in (SMALL, BIG):
+            run([*LISTSERV, "lists", "create", address, "--policy", "announce"], env)
+            run([*LISTSERV, "members", "add", address, SENDER, "--role", "sender"], env)
+        run([*LISTSERV, "members", "add", SMALL, "a@one.example", "b@two.example"], env)
+        if args.fanout:
+            csv_path = work / "members.csv"
+            csv_path.write_text(
+                "address,name,role\n"
+                + "".join(f"member{i}@d{i % 200}.example,,member\n" for i in range(args.fanout))
+            )
+            run([*LISTSERV, "members", "import", BIG, str(csv_path)], env)
+        serve = [*LISTSERV, "serve"] + (["--workers", str(args.workers)] if args.workers else [])
+        daemon = subprocess.Popen(serve, env=env)
+        wait_port(smtp_port, daemon)
+        message = post_message(2000)
+        if args.fanout:
+            import smtplib
+
+            with smtplib.SMTP("127.0.0.1", smtp_port, timeout=60) as client:
+                client.sendmail(SENDER, [BIG], message)
+            print(f"fan-out:            {args.fanout} members, posted before the rounds")
+        for clients in (int(c) for c in args.clients.split(",")):
+            seconds, latencies = asyncio.run(round_of(smtp_port, clients, args.posts, message))
+            total = clients * args.posts
+            print(
+                f"{clients:>4} clients:       {total / seconds:7.1f} posts/s,"
+                f" p50 {percentile(latencies, 0.5) * 1000:6.1f} ms,"
+                f" p99 {percentile(latencies, 0.99) * 1000:6.1f} ms to the 250"
+            )
+    finally:
+        if daemon is not None and daemon.poll() is None:
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait(timeout=120)
+        sink.finish()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
