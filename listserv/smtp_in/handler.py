@@ -7,9 +7,11 @@ never stalls the other SMTP sessions on the event loop.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
@@ -20,8 +22,13 @@ from listserv.db import Database
 from listserv.pipeline.auth import Authenticator
 from listserv.replies import Reply
 from listserv.smtp_in import intake
+from listserv.smtp_in.commit import Committer
 
 log = logging.getLogger("listserv.smtp")
+
+T = TypeVar("T")
+#: threads deciding and storing mail for the SMTP sessions at once
+INTAKE_THREADS = 24
 
 #: RFC 5321 4.5.3.1.8: a server must take at least 100; the 101st gets 452 4.5.3
 MAX_RECIPIENTS = 100
@@ -34,11 +41,24 @@ class InboundHandler:
         on_accepted: Callable[[], None] = lambda: None,
         policy: PolicySettings | None = None,
         authenticator: Authenticator | None = None,
+        committer: Committer | None = None,
     ) -> None:
         self.db = db
         self.on_accepted = on_accepted
         self.policy = policy or PolicySettings()
         self.authenticator = authenticator
+        self.committer = committer
+        # Sessions decide and store in threads of their own: the loop's default pool
+        # (6 threads on 2 cores) would let only 6 share a group commit (commit.py).
+        self._executor = ThreadPoolExecutor(INTAKE_THREADS, thread_name_prefix="intake")
+
+    async def _in_thread(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+
+    def close(self) -> None:
+        """After the last session: let the threads go."""
+        self._executor.shutdown(wait=False)
 
     async def handle_MAIL(
         self,
@@ -71,7 +91,7 @@ class InboundHandler:
         if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
             return str(replies.TOO_MANY_RECIPIENTS)
         try:
-            result = await asyncio.to_thread(intake.resolve, self.db, address)
+            result = await self._in_thread(intake.resolve, self.db, address)
         except Exception:
             log.exception("RCPT %s: internal error", address)
             return str(replies.TEMP_FAILURE)
@@ -97,12 +117,13 @@ class InboundHandler:
             "DATA from %s: %d bytes for %s, storing", request.peer, len(content), request.rcpt_tos
         )
         try:
-            outcome = await asyncio.to_thread(
+            outcome = await self._in_thread(
                 intake.receive,
                 self.db,
                 request,
                 policy=self.policy,
                 authenticator=self.authenticator,
+                committer=self.committer,
             )
         except Exception:
             # Nothing was committed: the client keeps the message and tries again.

@@ -39,6 +39,7 @@ from listserv.pipeline.context import SEVERITY, PostContext, Standing
 from listserv.pipeline.decide import decide
 from listserv.pipeline.decision import Action, Decision
 from listserv.replies import Reply
+from listserv.smtp_in.commit import Committer, DirectCommit
 
 log = logging.getLogger("listserv.intake")
 
@@ -90,6 +91,7 @@ def receive(
     policy: PolicySettings | None = None,
     now: datetime | None = None,
     authenticator: Authenticator | None = None,
+    committer: Committer | None = None,
 ) -> Outcome:
     """Decide, store and answer one transaction; `policy` is the site's [policy]
     section, `now` when it was received (tests pass one), `authenticator` checks
@@ -107,6 +109,7 @@ def receive(
             policy or PolicySettings(),
             now or datetime.now(UTC),
             authenticator,
+            committer or DirectCommit(db),
         )
     except NotFound as exc:  # a list deleted between RCPT and DATA
         return Outcome(replies.NO_SUCH_LIST.with_text(str(exc)))
@@ -148,6 +151,7 @@ def _receive(
     policy: PolicySettings,
     now: datetime,
     authenticator: Authenticator | None,
+    committer: Committer,
 ) -> Outcome:
     msg = mail.parse(envelope.content)
     decisions: list[tuple[MailingList, PostContext, Decision]] = []
@@ -189,65 +193,78 @@ def _receive(
         _audit_refusal(db, mlist, ctx, decision, envelope)
         return Outcome(decision.reply or replies.NOT_ALLOWED)
 
+    return committer.run(
+        lambda session: _store(session, envelope, targets, decisions, msg), label=envelope.peer
+    )
+
+
+def _store(
+    session: Session,
+    envelope: Envelope,
+    targets: dict[Kind, list[ListAddress]],
+    decisions: list[tuple[MailingList, PostContext, Decision]],
+    msg: EmailMessage,
+) -> Outcome:
+    """The raw mail and its posts, written in `session`: committed (durably) before the
+    caller answers 250."""
     inbound_ids: list[int] = []
     pending_ids: list[int] = []
     post_ids: list[int] = []
     all_posts: list[int] = []
     states: dict[str, PostState] = {}
-    with db.session() as session:
-        for kind, group in targets.items():
-            inbound = InboundMessage(
-                mail_from=envelope.mail_from,
-                rcpt_tos=[a.list_address if kind is Kind.POST else _original(a) for a in group],
-                kind=kind.value,
-                state=InboundState.DONE if kind in HANDLED else InboundState.PENDING,
-                peer=envelope.peer[:100],
-                raw=envelope.content,
+    for kind, group in targets.items():
+        inbound = InboundMessage(
+            mail_from=envelope.mail_from,
+            rcpt_tos=[a.list_address if kind is Kind.POST else _original(a) for a in group],
+            kind=kind.value,
+            state=InboundState.DONE if kind in HANDLED else InboundState.PENDING,
+            peer=envelope.peer[:100],
+            raw=envelope.content,
+        )
+        session.add(inbound)
+        session.flush()
+        inbound_ids.append(inbound.id)
+        if inbound.state is InboundState.PENDING:
+            pending_ids.append(inbound.id)
+        if kind is Kind.OWNER:
+            forwarded = _forward_to_owners(session, inbound, group, msg)
+            post_ids.extend(forwarded)
+            all_posts.extend(forwarded)
+        if kind is not Kind.POST:
+            continue
+        for mlist, ctx, decision in decisions:
+            state = _STATES[decision.action]
+            post = Post(
+                list_id=mlist.id,
+                inbound_id=inbound.id,
+                state=state,
+                reason=decision.reason,
+                sender=ctx.sender[:320],
+                subject=(mail.header(msg, "Subject") or "")[:998],
+                message_id=(mail.header(msg, "Message-ID") or "")[:998],
             )
-            session.add(inbound)
+            session.add(post)
             session.flush()
-            inbound_ids.append(inbound.id)
-            if inbound.state is InboundState.PENDING:
-                pending_ids.append(inbound.id)
-            if kind is Kind.OWNER:
-                forwarded = _forward_to_owners(session, inbound, group, msg)
-                post_ids.extend(forwarded)
-                all_posts.extend(forwarded)
-            if kind is not Kind.POST:
-                continue
-            for mlist, ctx, decision in decisions:
-                state = _STATES[decision.action]
-                post = Post(
-                    list_id=mlist.id,
-                    inbound_id=inbound.id,
-                    state=state,
-                    reason=decision.reason,
-                    sender=ctx.sender[:320],
-                    subject=(mail.header(msg, "Subject") or "")[:998],
-                    message_id=(mail.header(msg, "Message-ID") or "")[:998],
-                )
-                session.add(post)
-                session.flush()
-                lists.audit(
-                    session,
-                    ctx.sender[:320],
-                    f"post.{decision.action.value}",
-                    mlist.address,
-                    f"post {post.id}: {_about(msg)}"
-                    + (f"; {decision.reason}" if decision.reason else ""),
-                )
-                all_posts.append(post.id)
-                states[mlist.address] = state
-                if state is PostState.ACCEPTED:
-                    post_ids.append(post.id)
-                log.info(
-                    "post %d to %s from %s: %s%s",
-                    post.id,
-                    mlist.address,
-                    ctx.sender,
-                    state.value,
-                    f" ({decision.reason})" if decision.reason else "",
-                )
+            lists.audit(
+                session,
+                ctx.sender[:320],
+                f"post.{decision.action.value}",
+                mlist.address,
+                f"post {post.id}: {_about(msg)}"
+                + (f"; {decision.reason}" if decision.reason else ""),
+            )
+            all_posts.append(post.id)
+            states[mlist.address] = state
+            if state is PostState.ACCEPTED:
+                post_ids.append(post.id)
+            log.info(
+                "post %d to %s from %s: %s%s",
+                post.id,
+                mlist.address,
+                ctx.sender,
+                state.value,
+                f" ({decision.reason})" if decision.reason else "",
+            )
     return Outcome(
         _stored_reply(all_posts, pending_ids),
         inbound_ids=tuple(inbound_ids),

@@ -30,6 +30,7 @@ from listserv.config import PolicySettings, ServerSettings
 from listserv.db import Database
 from listserv.pipeline.auth import Authenticator
 from listserv.replies import Reply
+from listserv.smtp_in.commit import Committer
 from listserv.smtp_in.handler import InboundHandler
 
 log = logging.getLogger("listserv.smtp")
@@ -62,6 +63,7 @@ class InboundServer:
         on_accepted: Callable[[], None] = lambda: None,
         policy: PolicySettings | None = None,
         authenticator: Authenticator | None = None,
+        committer: Committer | None = None,
     ) -> InboundServer:
         """Listen on settings.host:port (port 0: any free port, see `port`)."""
         inbound = cls(
@@ -107,6 +109,7 @@ class InboundServer:
                 session.abort()
         if self._server is not None:
             await self._server.wait_closed()
+        self.handler.close()
 
     def admit(self, session: ListservSMTP, ip: str) -> Reply | None:
         """Register a new connection, or the 421 that refuses it."""
