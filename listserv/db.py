@@ -225,5 +225,10 @@ def _configure_sqlite(engine: sa.Engine, *, foreign_keys: bool = True) -> None:
     @event.listens_for(engine, "begin")
     def _on_begin(conn: sa.Connection) -> None:
         options = conn.get_execution_options()
-        conn.exec_driver_sql(f"PRAGMA synchronous={options.get('sqlite_sync', 'FULL')}")
-        conn.exec_driver_sql(f"BEGIN {options.get('sqlite_begin', 'IMMEDIATE')}")
+        begin = options.get("sqlite_begin", "IMMEDIATE")
+        if begin != "DEFERRED":  # durability matters to writers only
+            sync = options.get("sqlite_sync", "FULL")
+            if conn.info.get("synchronous") != sync:  # a statement saved per transaction
+                conn.exec_driver_sql(f"PRAGMA synchronous={sync}")
+                conn.info["synchronous"] = sync
+        conn.exec_driver_sql(f"BEGIN {begin}")

@@ -125,23 +125,12 @@ def _authenticated(
     """The From:/Sender: domains whose mail is authenticated (DKIM aligned, or a
     trusted DMARC pass): lists with require_authenticated_sender believe only those.
 
-    DNS and signature work, done before any database transaction opens. Without an
+    DNS and signature work, inside a read transaction only (which blocks no writer). Without an
     authenticator (a caller that has none) nothing is authenticated.
     """
     if authenticator is None:
         return frozenset()
     return authenticator.domains(envelope.content, msg)
-
-
-def _needs_authentication(db: Database, targets: list[ListAddress]) -> bool:
-    """Whether a list of this post believes only authenticated senders: only then is
-    the DKIM and DNS work done (a slow resolver must not slow every post)."""
-    with db.reading() as session:
-        return any(
-            mlist.require_authenticated_sender
-            for t in dict.fromkeys(targets)
-            if (mlist := lists.find(session, t.list_address)) is not None
-        )
 
 
 def _receive(
@@ -157,12 +146,14 @@ def _receive(
     decisions: list[tuple[MailingList, PostContext, Decision]] = []
     refusal: tuple[MailingList, PostContext, Decision] | None = None
     if targets.get(Kind.POST):
-        authenticated: frozenset[str] = frozenset()
-        if _needs_authentication(db, targets[Kind.POST]):
-            authenticated = _authenticated(envelope, msg, authenticator)
         with db.reading() as session:
             found = (lists.get(session, t.list_address) for t in dict.fromkeys(targets[Kind.POST]))
             mlists = list({m.id: m for m in found}.values())
+            # DKIM and DNS work only for a list that believes authenticated senders only:
+            # a slow resolver must not slow every post (a read transaction blocks nobody)
+            authenticated: frozenset[str] = frozenset()
+            if any(m.require_authenticated_sender for m in mlists):
+                authenticated = _authenticated(envelope, msg, authenticator)
             # a post to several lists is judged on the union of their recipients
             recipients = members.recipient_count(session, [m.id for m in mlists])
             for mlist in mlists:

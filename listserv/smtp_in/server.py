@@ -67,7 +67,13 @@ class InboundServer:
     ) -> InboundServer:
         """Listen on settings.host:port (port 0: any free port, see `port`)."""
         inbound = cls(
-            InboundHandler(db, on_accepted=on_accepted, policy=policy, authenticator=authenticator),
+            InboundHandler(
+                db,
+                on_accepted=on_accepted,
+                policy=policy,
+                authenticator=authenticator,
+                committer=committer,
+            ),
             settings,
         )
         loop = asyncio.get_running_loop()
