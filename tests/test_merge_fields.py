@@ -248,9 +248,8 @@ def test_a_long_line_in_a_7bit_part_turns_quoted_printable() -> None:
 def test_a_non_ascii_name_in_the_subject_is_rfc_2047_encoded() -> None:
     [msg] = copies(plain("Body.\n", subject="Hello $name, ${address}"), [ANN])
     assert msg["Subject"] == f"[staff] Hello Zoë Łukasz, {ANN}"
-    raw_subject = mail._raw_header(msg, "Subject")
-    assert raw_subject is not None and raw_subject.isascii() and "=?utf-8?" in raw_subject
-    assert len([k for k in msg.keys() if k.lower() == "subject"]) == 1
+    [raw_subject] = [str(v) for k, v in msg.raw_items() if k.lower() == "subject"]
+    assert raw_subject.isascii() and "=?utf-8?" in raw_subject
 
 
 def test_unknown_fields_and_double_dollars_are_left_as_written() -> None:

@@ -381,6 +381,11 @@ class Merger:
         self._subject = subject
         self._slots = slots
         self._policy = policy
+        #: how many segments lead up to the first Subject or body slot
+        self._shared = next(
+            (i for i, seg in enumerate(segments) if type(seg) is tuple and seg[0] != "H"),
+            len(segments),
+        )
 
     @classmethod
     def build(cls, msg: EmailMessage, active: frozenset[Field], placeholder: str) -> Merger | None:
@@ -445,6 +450,13 @@ class Merger:
 
     def render(self, values: Values) -> bytes:
         """The copy for one recipient."""
+        return self.render_keyed(values)[0]
+
+    def render_keyed(self, values: Values) -> tuple[bytes, bytes]:
+        """The copy for one recipient, and its leading bytes up to the first slot that
+        differs in every copy (the Subject or a body): copies with the same leading
+        bytes (the same charset and encoding in the parts' headers before that) share
+        one DKIM signing template."""
         plain = values.of(html_part=False)
         html_values: dict[Field, str] | None = None
         encoded: list[tuple[bytes, bytes]] = []
@@ -467,7 +479,7 @@ class Merger:
                 out.append(encoded[index][1])
             else:
                 out.append(self._subject_line(plain))
-        return b"".join(out)
+        return b"".join(out), b"".join(out[: self._shared])
 
     def _subject_line(self, values: dict[Field, str]) -> bytes:
         assert self._subject is not None
@@ -478,15 +490,12 @@ class Merger:
         return folded.encode("utf-8" if self._policy.utf8 else "ascii")
 
     def shared_prefix(self) -> bytes:
-        """The bytes every copy starts with when its values fit each part's charset:
-        the part of each copy hashed once for DKIM (`dkim.Signer.template`)."""
+        """The leading bytes (as `render_keyed` gives them) of a copy whose values fit
+        each part's charset and encoding as written."""
         out: list[bytes] = []
-        for segment in self._segments:
+        for segment in self._segments[: self._shared]:
             if type(segment) is bytes:
                 out.append(segment)
-                continue
-            kind, index = cast(tuple[str, int], segment)
-            if kind != "H":
-                break
-            out.append(self._slots[index].default_header_lines())
+            else:
+                out.append(self._slots[cast(tuple[str, int], segment)[1]].default_header_lines())
         return b"".join(out)

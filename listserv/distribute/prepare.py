@@ -125,6 +125,9 @@ def render(raw: bytes, view: ListView, signer: dkim.Signer | None) -> bytes:
 #: Stands for the recipient in a footer rendered once per batch (ASCII letters,
 #: digits and '-': the same in 7bit, 8bit, quoted-printable and HTML).
 PLACEHOLDER = "LISTSERV-RECIPIENT-7c1e9a"
+#: Signing templates kept per merged post: a header slot has a few variants
+#: (charset kept or UTF-8, times the transfer encodings), rarely more than 4.
+_MAX_TEMPLATES = 16
 _SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_+@")
 
 
@@ -175,6 +178,10 @@ class Personalizer:
         # (signer, its template for the shared part), made on first use by the first
         # thread to sign; a race makes two equal ones, and the swap is atomic.
         self._signing: tuple[dkim.Signer, dkim.SigningTemplate | None] | None = None
+        # the same for merged copies, one template per distinct start (render_keyed)
+        self._merge_signing: tuple[dkim.Signer, dict[bytes, dkim.SigningTemplate | None]] | None = (
+            None
+        )
 
     @property
     def merges(self) -> bool:
@@ -225,9 +232,30 @@ class Personalizer:
         """One message per recipient, each with its own footer line and signature."""
         if signer is None:
             return [self.render(recipient) for recipient in recipients]
+        if self._merger is not None:
+            return [self._sign_merged(recipient, signer) for recipient in recipients]
         template = self.signing_template(signer)
         sign = signer.sign if template is None else template.sign
         return [sign(self.render(recipient)) for recipient in recipients]
+
+    def _sign_merged(self, recipient: str, signer: dkim.Signer) -> bytes:
+        """A merged copy, signed with the template of copies that start as it does:
+        a name that does not fit a part's charset changes that part's headers, and
+        with all-ASCII parts (decorate writes them us-ascii) that is every non-ASCII
+        name, so one template per distinct start, not one per post (10,000 signed
+        copies of a 4 KB post, non-ASCII names: 4.07 s with one, 3.49 s so)."""
+        assert self._merger is not None
+        data, prefix = self._merger.render_keyed(self.values(recipient))
+        cached = self._merge_signing
+        if cached is None or cached[0] is not signer:
+            cached = self._merge_signing = (signer, {})
+        templates = cached[1]
+        if prefix not in templates:
+            if len(templates) >= _MAX_TEMPLATES:
+                return signer.sign(data)
+            templates[prefix] = signer.template(prefix, len(prefix))
+        template = templates[prefix]
+        return signer.sign(data) if template is None else template.sign(data)
 
 
 def personalize(
