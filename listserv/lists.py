@@ -177,6 +177,9 @@ SETTINGS: dict[str, Setting] = {
         _hosts, "comma-separated host names (each allows its subdomains); empty: none"
     ),
     "hold_expiry_days": Setting(_whole(1, 3650), "a whole number of days, 1 to 3650"),
+    # $name, $address, $unsubscribe_url in a post's Subject and text filled per
+    # recipient (distribute.merge); a post that uses one is sent personalized
+    "merge_fields": Setting(_boolean, "true or false (yes/no, on/off, 1/0)", _yes_no),
 }
 LIMITS = {"subject_prefix": 100, "description": 255}
 ALIASES = {"policy": "posting_policy", "mode": "delivery_mode"}

@@ -206,6 +206,8 @@ class MailingList(Base):
     external_links: Mapped[LinkPolicy] = mapped_column(default=LinkPolicy.ALLOW)
     link_allowlist: Mapped[str] = mapped_column(sa.Text, default="")  # comma-separated hosts
     hold_expiry_days: Mapped[int] = mapped_column(default=14)
+    #: personalized copies fill $name, $address, $unsubscribe_url (distribute.merge)
+    merge_fields: Mapped[bool] = mapped_column(default=False)
     last_reminder_at: Mapped[datetime | None] = mapped_column(default=None)
     created_at: Mapped[CreatedAt]
 

@@ -211,3 +211,24 @@ def test_a_placeholder_in_the_header_falls_back_to_full_signing(key: dkim.Signin
 
     assert personalizer.signing_template(signer) is None
     assert all(verifier(key)(data) for data in copies)
+
+
+def test_merged_copies_sign_from_one_template_per_distinct_start(key: dkim.SigningKey) -> None:
+    """An all-ASCII part turns UTF-8 for a non-ASCII name, so its copies start otherwise."""
+    view = dataclasses.replace(VIEW, merge_fields=True)
+    raw = ALTERNATIVE.replace(b"Hello.", b"Hello $name.")
+    names = {"ann@one.example": "Ann", "zoe@one.example": "Zoë", "bob@two.example": "Bob"}
+    personalizer = prepare.Personalizer(prepare.render(raw, view, None), view, names)
+    signer = dkim.Signer(key)
+
+    signed = personalizer.render_all(list(names), signer)
+
+    assert all(verifier(key)(data) for data in signed)
+    assert [texts(data)[0].split("\r\n")[0] for data in signed] == [
+        "Hello Ann.",
+        "Hello Zoë.",
+        "Hello Bob.",
+    ]
+    assert personalizer._merge_signing is not None
+    templates = personalizer._merge_signing[1]
+    assert len(templates) == 2 and None not in templates.values()  # us-ascii, and utf-8

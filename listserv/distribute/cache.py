@@ -10,14 +10,18 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
 from listserv.db import Database
 from listserv.distribute import dkim, posts, prepare
 from listserv.distribute.batches import ClaimedBatch
-from listserv.models import DeliveryMode, MailingList
+from listserv.models import DeliveryMode, MailingList, Member, Role
 
 SIZE = 8
 
@@ -76,9 +80,22 @@ class PreparedCache:
                 if mlist is None:
                     return None
                 view = prepare.ListView.of(mlist)
+            names = display_names(session, queued.list_id) if view.merge_fields else {}
         view = dataclasses.replace(view, delivery_mode=DeliveryMode.PERSONALIZED)
         return Prepared(
             queued.prepared,
-            prepare.Personalizer(queued.prepared, view),
+            prepare.Personalizer(queued.prepared, view, names),
             prepare.signer_for(self.keys_dir, view.domain),
         )
+
+
+def display_names(session: Session, list_id: int) -> Mapping[str, str]:
+    """Lower-cased address -> display name of the list's members that gave one, for
+    $name: loaded once per post (one query), not per batch or recipient. A name
+    changed while the post is being sent reaches only the batches loaded after."""
+    rows = session.execute(
+        sa.select(Member.address, Member.display_name).where(
+            Member.list_id == list_id, Member.role == Role.MEMBER, Member.display_name != ""
+        )
+    )
+    return {address.lower(): name for address, name in rows}

@@ -3,6 +3,9 @@
 Decorating and signing are CPU work: the daemon runs `queue_post` in a thread.
 A shared post is rendered and signed once; a personalized post is stored
 decorated but unsigned, and `personalize` renders and signs it per recipient.
+A post that uses merge fields (`merge`) on a list with `merge_fields` on is sent
+personalized even when the list delivers shared: one copy cannot carry each
+recipient's values; a post without them stays shared.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +22,7 @@ from listserv import addresses, mail
 from listserv.addresses import Kind
 from listserv.config import Settings
 from listserv.db import Database
-from listserv.distribute import convert, decorate, dkim, posts
+from listserv.distribute import convert, decorate, dkim, merge, posts
 from listserv.models import (
     Audience,
     ContentFilter,
@@ -44,6 +48,9 @@ class ListView:
     delivery_mode: DeliveryMode
     #: plain_text_only with content_filter convert: HTML goes out as plain text
     to_plain_text: bool = False
+    #: fill $name, $address, $unsubscribe_url per recipient (absent from
+    #: snapshots taken before schema 0005: off, as the lists were)
+    merge_fields: bool = False
 
     @classmethod
     def of(cls, mlist: MailingList) -> ListView:
@@ -56,6 +63,7 @@ class ListView:
             footer=mlist.footer,
             delivery_mode=mlist.delivery_mode,
             to_plain_text=mlist.plain_text_only and mlist.content_filter is ContentFilter.CONVERT,
+            merge_fields=mlist.merge_fields,
         )
 
     def address(self, kind: Kind = Kind.POST) -> str:
@@ -117,6 +125,9 @@ def render(raw: bytes, view: ListView, signer: dkim.Signer | None) -> bytes:
 #: Stands for the recipient in a footer rendered once per batch (ASCII letters,
 #: digits and '-': the same in 7bit, 8bit, quoted-printable and HTML).
 PLACEHOLDER = "LISTSERV-RECIPIENT-7c1e9a"
+#: Signing templates kept per merged post: a header slot has a few variants
+#: (charset kept or UTF-8, times the transfer encodings), rarely more than 4.
+_MAX_TEMPLATES = 16
 _SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_+@")
 
 
@@ -132,44 +143,88 @@ class Personalizer:
     Fast-path copies are byte-identical up to the placeholder's line, so their
     signing hashes that shared part once per post (`dkim.SigningTemplate`) and
     only the rest per copy; full renders are signed from scratch.
+
+    With `merge_fields` on and a field used in the post, every copy comes from a
+    `merge.Merger` instead: the same footer render, serialized once with slots
+    for the Subject and the parts holding fields, each slot encoded per copy.
+    Its signing shares what comes before the first slot. `names` maps lower-cased
+    addresses to display names (a missing one is ""); `unsubscribe` makes the
+    `$unsubscribe_url` links (None: left as written).
     """
 
-    def __init__(self, template: bytes, view: ListView) -> None:
+    def __init__(
+        self,
+        template: bytes,
+        view: ListView,
+        names: Mapping[str, str] | None = None,
+        unsubscribe: merge.UnsubscribeLinks | None = None,
+    ) -> None:
         self.view = view
+        self._names: Mapping[str, str] = names or {}
+        self._unsubscribe = unsubscribe
         self._base = mail.parse(template)
         footer = footer_text(view, PLACEHOLDER)
-        self._fast = mail.to_bytes(decorate.add_footer(copy.deepcopy(self._base), footer))
+        decorated = decorate.add_footer(copy.deepcopy(self._base), footer)
+        self._fast = mail.to_bytes(decorated)
         token = PLACEHOLDER.encode()
         lines = (len(line) for line in self._fast.splitlines() if token in line)
         self._room = 76 - max(lines, default=999)
         self._usable = token in self._fast
-        # (signer, its template for self._fast), made on first use by the first
+        self._merger = (
+            merge.Merger.build(decorated, merge.active_fields(unsubscribe is not None), PLACEHOLDER)
+            if view.merge_fields
+            else None
+        )
+        # (signer, its template for the shared part), made on first use by the first
         # thread to sign; a race makes two equal ones, and the swap is atomic.
         self._signing: tuple[dkim.Signer, dkim.SigningTemplate | None] | None = None
+        # the same for merged copies, one template per distinct start (render_keyed)
+        self._merge_signing: tuple[dkim.Signer, dict[bytes, dkim.SigningTemplate | None]] | None = (
+            None
+        )
+
+    @property
+    def merges(self) -> bool:
+        """True when the post uses merge fields, so each copy fills them in."""
+        return self._merger is not None
 
     def fits_fast_path(self, recipient: str) -> bool:
         return (
-            self._usable
+            self._merger is None
+            and self._usable
             and set(recipient) <= _SAFE
             and len(recipient) - len(PLACEHOLDER) <= self._room
         )
 
+    def values(self, recipient: str) -> merge.Values:
+        """What the merge fields become for `recipient`."""
+        links = self._unsubscribe
+        return merge.Values(
+            name=self._names.get(recipient.lower(), ""),
+            address=recipient,
+            unsubscribe_url=None if links is None else links.url(recipient),
+        )
+
     def render(self, recipient: str) -> bytes:
+        if self._merger is not None:
+            return self._merger.render(self.values(recipient))
         if self.fits_fast_path(recipient):
             return self._fast.replace(PLACEHOLDER.encode(), recipient.encode())
         footer = footer_text(self.view, recipient)
         return mail.to_bytes(decorate.add_footer(copy.deepcopy(self._base), footer))
 
     def signing_template(self, signer: dkim.Signer) -> dkim.SigningTemplate | None:
-        """The per-post signing state for fast-path copies, or None (no fast path)."""
+        """The per-post signing state for the copies' shared part, or None (none shared)."""
         cached = self._signing
         if cached is not None and cached[0] is signer:
             return cached[1]
-        template = (
-            signer.template(self._fast, self._fast.find(PLACEHOLDER.encode()))
-            if self._usable
-            else None
-        )
+        if self._merger is not None:
+            prefix = self._merger.shared_prefix()
+            template = signer.template(prefix, len(prefix))
+        elif self._usable:
+            template = signer.template(self._fast, self._fast.find(PLACEHOLDER.encode()))
+        else:
+            template = None
         self._signing = (signer, template)
         return template
 
@@ -177,16 +232,55 @@ class Personalizer:
         """One message per recipient, each with its own footer line and signature."""
         if signer is None:
             return [self.render(recipient) for recipient in recipients]
+        if self._merger is not None:
+            return [self._sign_merged(recipient, signer) for recipient in recipients]
         template = self.signing_template(signer)
         sign = signer.sign if template is None else template.sign
         return [sign(self.render(recipient)) for recipient in recipients]
 
+    def _sign_merged(self, recipient: str, signer: dkim.Signer) -> bytes:
+        """A merged copy, signed with the template of copies that start as it does:
+        a name that does not fit a part's charset changes that part's headers, and
+        with all-ASCII parts (decorate writes them us-ascii) that is every non-ASCII
+        name, so one template per distinct start, not one per post (10,000 signed
+        copies of a 4 KB post, non-ASCII names: 4.07 s with one, 3.49 s so)."""
+        assert self._merger is not None
+        data, prefix = self._merger.render_keyed(self.values(recipient))
+        cached = self._merge_signing
+        if cached is None or cached[0] is not signer:
+            cached = self._merge_signing = (signer, {})
+        templates = cached[1]
+        if prefix not in templates:
+            if len(templates) >= _MAX_TEMPLATES:
+                return signer.sign(data)
+            templates[prefix] = signer.template(prefix, len(prefix))
+        template = templates[prefix]
+        return signer.sign(data) if template is None else template.sign(data)
+
 
 def personalize(
-    template: bytes, view: ListView, recipients: list[str], signer: dkim.Signer | None
+    template: bytes,
+    view: ListView,
+    recipients: list[str],
+    signer: dkim.Signer | None,
+    names: Mapping[str, str] | None = None,
 ) -> list[bytes]:
     """One message per recipient, each with its own footer line and signature."""
-    return Personalizer(template, view).render_all(recipients, signer)
+    return Personalizer(template, view, names).render_all(recipients, signer)
+
+
+def merged_template(raw: bytes, view: ListView, audience: Audience) -> bytes | None:
+    """The personalized template of a members' post that uses merge fields on a list
+    that delivers shared, which therefore goes out personalized; else None."""
+    if not (
+        view.merge_fields
+        and audience is Audience.MEMBERS
+        and view.delivery_mode is DeliveryMode.SHARED
+    ):
+        return None
+    personal = dataclasses.replace(view, delivery_mode=DeliveryMode.PERSONALIZED)
+    template = render(raw, personal, None)
+    return template if Personalizer(template, personal).merges else None
 
 
 #: domains already warned about in this process: once each, not once per post
@@ -231,6 +325,9 @@ def queue_post(db: Database, settings: Settings, post_id: int) -> int | None:
         elif audience is Audience.NOTICE:
             signer = signer_for(settings.keys_dir, view.domain)
             prepared = signer.sign(raw) if signer else raw
+        elif (merged := merged_template(raw, view, audience)) is not None:
+            prepared = merged
+            view = dataclasses.replace(view, delivery_mode=DeliveryMode.PERSONALIZED)
         else:
             prepared = render(raw, view, signer_for(settings.keys_dir, view.domain))
     except Exception as exc:
