@@ -125,6 +125,8 @@ def set_(app: App, address: str, key: str, value: str) -> None:
       external_links            allow or hold (links outside link_allowlist)
       link_allowlist            e.g. example.org,example.net (subdomains too)
       hold_expiry_days          1 to 3650
+      merge_fields              true/false: $name, $address, $unsubscribe_url
+                                filled per recipient (the post goes out personalized)
     Booleans take true/false, yes/no, on/off, 1/0.
 
     \b
