@@ -344,8 +344,11 @@ class ThrottleBucket(Base):
     transaction that reads or writes buckets locks it first, so the rows never race."""
 
     __tablename__ = "throttle_buckets"
+    __table_args__ = (sa.UniqueConstraint("key"), NO_REUSE)
 
-    key: Mapped[str] = mapped_column(sa.String(255), primary_key=True)
+    id: Mapped[IntPK]
+    #: "*messages", "*recipients", or a destination domain (a provider's, for aliases)
+    key: Mapped[str] = mapped_column(sa.String(255))
     #: tokens at `updated_at` (negative: a batch bigger than the bucket was let through)
     tokens: Mapped[float] = mapped_column(sa.Float, default=0.0)
     updated_at: Mapped[datetime]

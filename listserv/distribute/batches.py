@@ -181,7 +181,10 @@ def claim(
     token = secrets.token_hex(16)
     leased = conn.execute(
         sa.update(DeliveryBatch)
-        .where(DeliveryBatch.id.in_(chosen), due)
+        # a list of ids was read under the lock: check again that each is still due. Not
+        # with a subquery: PostgreSQL may run it again per row (nested loop) and, seeing
+        # the rows this UPDATE already leased as not due, pick more than `limit`
+        .where(DeliveryBatch.id.in_(chosen), *([due] if isinstance(chosen, list) else []))
         .values(
             state=BatchState.LEASED,
             lease_owner=worker,

@@ -29,6 +29,7 @@ STATES = "'held', 'accepted', 'sending', 'sent', 'rejected', 'discarded', 'faile
 def upgrade() -> None:
     buckets = op.create_table(
         "throttle_buckets",
+        sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("key", sa.String(length=255), nullable=False),
         sa.Column("tokens", sa.Float(), nullable=False),
         sa.Column("updated_at", listserv.models.UTCDateTime(timezone=True), nullable=False),
@@ -36,7 +37,9 @@ def upgrade() -> None:
         sa.Column("changed_at", listserv.models.UTCDateTime(timezone=True), nullable=True),
         sa.Column("paused_until", listserv.models.UTCDateTime(timezone=True), nullable=True),
         sa.Column("note", sa.Text(), nullable=False),
-        sa.PrimaryKeyConstraint("key", name=op.f("pk_throttle_buckets")),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_throttle_buckets")),
+        sa.UniqueConstraint("key", name=op.f("uq_throttle_buckets_key")),
+        sqlite_autoincrement=True,
     )
     assert buckets is not None
     # the row every throttle transaction locks first (distribute/throttle.py)
