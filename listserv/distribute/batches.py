@@ -143,19 +143,12 @@ def claim(
     conn = session.connection()
     now = db_now(session) if now is None else now
     postgresql = session.get_bind().dialect.name == "postgresql"
-    due = sa.and_(
-        sa.or_(
-            sa.and_(
-                DeliveryBatch.state == BatchState.PENDING, DeliveryBatch.next_attempt_at <= now
-            ),
-            sa.and_(DeliveryBatch.state == BatchState.LEASED, DeliveryBatch.lease_expires_at < now),
-        ),
-        sa.exists().where(
-            Post.id == DeliveryBatch.post_id,
-            Post.state == PostState.SENDING,
-            Post.paused.is_(False),
-        ),
+    due_now = sa.or_(
+        sa.and_(DeliveryBatch.state == BatchState.PENDING, DeliveryBatch.next_attempt_at <= now),
+        sa.and_(DeliveryBatch.state == BatchState.LEASED, DeliveryBatch.lease_expires_at < now),
     )
+    sending = sa.and_(Post.state == PostState.SENDING, Post.paused.is_(False))
+    due = sa.and_(due_now, sa.exists().where(Post.id == DeliveryBatch.post_id, sending))
     order = (DeliveryBatch.next_attempt_at, DeliveryBatch.id)
     retry_after: float | None = None
     events: list[Event] = []
@@ -171,7 +164,9 @@ def claim(
         retry_after = throttle.wait(buckets, blocked, now, first=True)
         chosen = []
         if not blocked & set(throttling.GLOBAL):
-            candidates = _candidates(conn, throttle, due, order, blocked, limit, postgresql)
+            candidates = _candidates(
+                conn, throttle, sa.and_(due_now, sending), order, blocked, limit, postgresql
+            )
             decision = throttle.admit(candidates, buckets, in_flight, limit, now)
             chosen = decision.admitted
             retry_after = _earliest(retry_after, decision.retry_after)
@@ -248,7 +243,9 @@ def _candidates(
     limit: int,
     postgresql: bool,
 ) -> list[Candidate]:
-    """Due batches of the domains not blocked, in claim order, with what each costs."""
+    """Due batches of the domains not blocked, in claim order, with what each costs.
+
+    `due` may name `Post`: the posts are joined here."""
     open_count = (
         sa.select(sa.func.count(Delivery.id))
         .where(Delivery.batch_id == DeliveryBatch.id, Delivery.state.in_(OPEN))
