@@ -320,3 +320,48 @@ def test_status_plain_shows_paused_posts_and_throttled_domains(db: Database, run
     assert f"domain yahoo.com: slowed to 50% of its rate (answered 421 {TSS04})" in (
         finished.stdout.splitlines()
     )
+
+
+def _on_a_terminal(config: Path, *args: str) -> str:
+    """`listserv ARGS` with a pseudo-terminal as its stdout (120 columns), its output."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: never returns
+        os.execv(
+            sys.executable, [sys.executable, "-m", "listserv.cli", "--config", str(config), *args]
+        )
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    out = b""
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, out
+    return out.decode()
+
+
+def test_status_on_a_terminal_draws_a_progress_bar_per_post(
+    db: Database, db_url: str, tmp_path: Path
+) -> None:
+    post_id = _post(db, PostState.SENDING, recipient_count=4)
+    with db.session() as s:
+        batch = DeliveryBatch(post_id=post_id, domain="x.example")
+        s.add(batch)
+        s.flush()
+        for i, state in enumerate([RecipientState.DELIVERED] * 3 + [RecipientState.PENDING]):
+            s.add(
+                Delivery(batch_id=batch.id, post_id=post_id, address=f"u{i}@x.example", state=state)
+            )
+    out = _on_a_terminal(write_config(tmp_path, db_url), "queue", "status")
+    assert "PROGRESS" in out and "━" in out  # rich's bar
+    assert "3/4" in out and "1 waiting" in out

@@ -29,6 +29,8 @@ SUBJECT_WIDTH = 40
 COUNTS = ("waiting", "in_flight", "deferred", "delivered", "failed")
 HEADER = ("POST", "LIST", "STATE", *(c.upper().replace("_", " ") for c in COUNTS))
 HEADER += ("NEXT ATTEMPT", "SUBJECT")
+#: characters of a progress bar on a terminal
+BAR_WIDTH = 20
 #: states in which a post still has recipients to send to
 ACTIVE = (PostState.ACCEPTED, PostState.SENDING)
 
@@ -194,19 +196,27 @@ def _rich_status(app: App, everything: bool, watch: bool, interval: float) -> No
         if not posts and not inbound and not domains:
             return Group(Text("queue is empty")), False
         table = Table(box=None, pad_edge=False, header_style="bold")
-        for column in ("POST", "LIST", "STATE", "PROGRESS", "DONE", *HEADER[3:8], "SUBJECT"):
-            table.add_column(column, no_wrap=column != "SUBJECT")
+        table.add_column("POST", no_wrap=True, min_width=4)
+        table.add_column("LIST", overflow="ellipsis", max_width=32)
+        table.add_column("STATE", no_wrap=True, min_width=9)
+        table.add_column("PROGRESS", no_wrap=True, width=BAR_WIDTH)
+        table.add_column("DONE", no_wrap=True, justify="right")
+        table.add_column("OPEN / TROUBLE", overflow="fold")
         for p in posts:
             total = p.recipients or sum(p.counts.values())
-            bar = ProgressBar(total=max(total, 1), completed=p.answered, width=24)
+            bar = ProgressBar(total=max(total, 1), completed=p.answered, width=BAR_WIDTH)
+            counts = [
+                f"{p.counts[key]} {key.replace('_', ' ')}"
+                for key in ("waiting", "in_flight", "deferred", "failed")
+                if p.counts.get(key)
+            ]
             table.add_row(
                 str(p.post_id),
                 p.list_address,
                 p.shown_state,
-                bar if p.state in (*ACTIVE, PostState.SENT, PostState.CANCELLED) else Text(""),
+                bar if total else Text(""),
                 f"{p.answered}/{total}",
-                *(str(p.counts.get(key, 0)) for key in COUNTS),
-                _truncate(p.subject),
+                ", ".join(counts) or "-",
             )
         extra = [
             f"post {p.post_id} {p.state.value}: {' '.join(p.reason.split())}"
