@@ -162,6 +162,40 @@ class PolicySettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DomainLimit:
+    """Limits for one destination domain (and the domains that share its bucket)."""
+
+    #: messages per second (a shared batch is one message, a personalized one one per
+    #: recipient); 0: no rate limit
+    rate: float = 0.0
+    #: batches in flight to the domain at once, over every daemon; 0: no limit
+    concurrency: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class ThrottleSettings:
+    """Politeness: global and per-domain rates and concurrency (distribute/throttle.py)."""
+
+    #: messages per second over every domain and daemon; 0: no limit
+    rate: float = 0.0
+    #: recipients per second over every domain and daemon; 0: no limit
+    recipient_rate: float = 0.0
+    #: seconds of its rate a full bucket holds (what may go out at once after a pause)
+    burst: float = 1.0
+    #: limits of a domain that is neither in `domains` nor a built-in provider
+    domain_rate: float = 0.0
+    domain_concurrency: int = 0
+    #: built-in limits for the large providers (gmail.com, outlook.com, yahoo.com, ...)
+    providers: bool = True
+    #: seconds between two additive steps back to full rate after a slow-down
+    restore_after: float = 60.0
+    #: seconds a domain refusing most recipients of a batch (5xx) is not sent to
+    pause_for: float = 900.0
+    #: [throttle.domains."gmail.com"] rate = 5, concurrency = 2 (overrides the built-ins)
+    domains: typing.Mapping[str, DomainLimit] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
@@ -172,6 +206,7 @@ class Settings:
     auth: AuthSettings = field(default_factory=AuthSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     policy: PolicySettings = field(default_factory=PolicySettings)
+    throttle: ThrottleSettings = field(default_factory=ThrottleSettings)
     source: str = "(defaults)"
 
     @property
@@ -225,6 +260,10 @@ def from_dict(
             if key not in hints:
                 raise ConfigError(f"{source}: unknown key '{key}' in [{name}]")
         for key, hint in hints.items():
+            if hint == typing.Mapping[str, DomainLimit]:
+                if key in values:
+                    values[key] = _domain_limits(values[key], f"{source}: [{name}.{key}]")
+                continue
             env_name = f"LISTSERV_{name.upper()}_{key.upper()}"
             if env_name in env:
                 values[key] = _from_env(env[env_name], hint, env_name)
@@ -234,6 +273,35 @@ def from_dict(
     settings = Settings(**sections, source=source)
     _validate(settings)
     return settings
+
+
+def _domain_limits(value: Any, where: str) -> dict[str, DomainLimit]:
+    """``[throttle.domains."gmail.com"]`` tables, keyed by the domain's A-label form."""
+    if not isinstance(value, dict):
+        raise ConfigError(f'{where}: expected tables such as [throttle.domains."gmail.com"]')
+    hints = typing.get_type_hints(DomainLimit)
+    limits: dict[str, DomainLimit] = {}
+    for domain, table in value.items():
+        here = f'{where[:-1]}."{domain}"]'
+        try:
+            key = domain.strip().lower().encode("idna").decode("ascii")
+        except UnicodeError:
+            key = ""
+        if not key or "@" in key or "." not in key:
+            raise ConfigError(f"{here}: not a domain name (e.g. gmail.com)")
+        if key in limits:
+            raise ConfigError(f"{here}: {key} is listed twice")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{here}: must be a table (rate = ..., concurrency = ...)")
+        for k in table:
+            if k not in hints:
+                raise ConfigError(f"{here}: unknown key '{k}' (rate, concurrency)")
+        checked = {k: _check(v, hints[k], f"{here} {k}") for k, v in table.items()}
+        limit = DomainLimit(**checked)
+        if limit.rate < 0 or limit.concurrency < 0:
+            raise ConfigError(f"{here}: rate and concurrency must not be negative (0: no limit)")
+        limits[key] = limit
+    return limits
 
 
 def _from_env(raw: str, hint: Any, env_name: str) -> Any:
@@ -320,8 +388,24 @@ def _validate(s: Settings) -> None:
             " name (e.g. UTC, Europe/Berlin, America/New_York)"
         ) from None
     _validate_dns_auth(s)
+    _validate_throttle(s)
     if s.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"{s.source}: [logging] level: one of DEBUG, INFO, WARNING, ERROR")
+
+
+def _validate_throttle(s: Settings) -> None:
+    t = s.throttle
+    for key in ("rate", "recipient_rate", "domain_rate", "domain_concurrency"):
+        if getattr(t, key) < 0:
+            raise ConfigError(f"{s.source}: [throttle] {key}: must not be negative (0: no limit)")
+    positive("throttle", "burst", t.burst, s.source)
+    positive("throttle", "restore_after", t.restore_after, s.source)
+    positive("throttle", "pause_for", t.pause_for, s.source)
+
+
+def positive(section: str, key: str, value: float, source: str) -> None:
+    if value <= 0:
+        raise ConfigError(f"{source}: [{section}] {key}: must be greater than 0")
 
 
 def _validate_dns_auth(s: Settings) -> None:

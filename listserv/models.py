@@ -77,6 +77,8 @@ class PostState(enum.StrEnum):
     REJECTED = "rejected"
     DISCARDED = "discarded"
     FAILED = "failed"  # could not be prepared; kept for the operator
+    #: `queue cancel`: open recipients failed "cancelled by <actor>", nothing more sent
+    CANCELLED = "cancelled"
 
 
 class Audience(enum.StrEnum):
@@ -290,6 +292,8 @@ class Post(Base):
     decided_at: Mapped[datetime | None] = mapped_column(default=None)
     created_at: Mapped[CreatedAt]
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    #: `queue pause`: its batches are not claimed (those in flight finish) until resumed
+    paused: Mapped[bool] = mapped_column(default=False, server_default=sa.false())
 
 
 class DeliveryBatch(Base):
@@ -334,6 +338,30 @@ class Delivery(Base):
     code: Mapped[int | None] = mapped_column(default=None)
     detail: Mapped[str] = mapped_column(sa.Text, default="")
     updated_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class ThrottleBucket(Base):
+    """Shared state of one throttle key (distribute/throttle.py): a token bucket, the
+    adaptive rate factor and a pause. The row keyed ``*messages`` always exists: every
+    transaction that reads or writes buckets locks it first, so the rows never race."""
+
+    __tablename__ = "throttle_buckets"
+    __table_args__ = (sa.UniqueConstraint("key"), NO_REUSE)
+
+    id: Mapped[IntPK]
+    #: "*messages", "*recipients", or a destination domain (a provider's, for aliases)
+    key: Mapped[str] = mapped_column(sa.String(255))
+    #: tokens at `updated_at` (negative: a batch bigger than the bucket was let through)
+    tokens: Mapped[float] = mapped_column(sa.Float, default=0.0)
+    updated_at: Mapped[datetime]
+    #: share of the configured rate in force (1: full; halved on 421/451 or drops)
+    factor: Mapped[float] = mapped_column(sa.Float, default=1.0)
+    #: when `factor` last changed: additive steps back are counted from it
+    changed_at: Mapped[datetime | None] = mapped_column(default=None)
+    #: no batch for the domain is claimed before this (it refused most of a batch)
+    paused_until: Mapped[datetime | None] = mapped_column(default=None)
+    #: the reply that caused the last slow-down or pause, for `queue status`
+    note: Mapped[str] = mapped_column(sa.Text, default="")
 
 
 class Token(Base):

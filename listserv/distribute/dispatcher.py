@@ -13,6 +13,14 @@ the middle of a personalized batch re-sends only the messages of the last round.
 A batch whose renewal comes back short, or whose lease may have run out because
 renewals failed, is no longer ours: its sender stops and its results are dropped
 (`batches.record` only writes for the holder of the claim).
+
+Throttling (distribute/throttle.py) lives in the same round: the claim takes only
+what the shared buckets allow, and the round's results slow down or pause the
+domains that answered 421/451, dropped the connection or refused a batch. When the
+buckets are empty the dispatcher waits until the next token, not the poll interval.
+Every second it asks whether the posts of the batches it holds were paused or
+cancelled (`queue pause`/`cancel`); their batches not yet started are handed back,
+and a sender stops a personalized batch between two messages (`holds` turns false).
 """
 
 from __future__ import annotations
@@ -24,17 +32,21 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from listserv.config import DeliverySettings
-from listserv.db import Database
+from listserv.db import Database, db_now
 from listserv.distribute import batches
-from listserv.distribute.batches import ClaimedBatch, End, Report
+from listserv.distribute import throttle as throttling
+from listserv.distribute.batches import Claim, ClaimedBatch, End, Report
 from listserv.distribute.liveness import Liveness
 from listserv.distribute.results import RecipientResult
+from listserv.distribute.throttle import Event, Throttle
 from listserv.models import BatchState, RecipientState
 
 log = logging.getLogger("listserv.dispatcher")
 
 #: how often the leases of other workers are checked for a dead owner (seconds)
 LIVENESS_EVERY = 5.0
+#: how often the posts of the batches held are checked for a pause or cancel (seconds)
+HALT_CHECK_EVERY = 1.0
 
 
 @dataclass(eq=False)
@@ -48,6 +60,7 @@ class InFlight:
     recorded: int = 0  # how many of `results` went to the dispatcher
     end: End | None = None
     lost: bool = False  # taken over by another worker: stop, results are dropped
+    halted: bool = False  # its post was paused or cancelled: stop, results are recorded
 
 
 class Dispatcher:
@@ -59,9 +72,11 @@ class Dispatcher:
         worker: str,
         liveness: Liveness,
         stop: asyncio.Event,
+        throttle: Throttle | None = None,
     ) -> None:
         self.db = db
         self.settings = settings
+        self.throttle = throttle
         self.worker = worker
         self.liveness = liveness
         self.stop = stop
@@ -79,7 +94,7 @@ class Dispatcher:
 
     def holds(self, item: InFlight) -> bool:
         loop = asyncio.get_running_loop()
-        return not item.lost and loop.time() < item.deadline
+        return not item.lost and not item.halted and loop.time() < item.deadline
 
     def progress(self, item: InFlight) -> None:
         """`item` has new results (or an end): record them in the next round."""
@@ -96,7 +111,8 @@ class Dispatcher:
         loop = asyncio.get_running_loop()
         renew_every = self.settings.lease_seconds / 3
         slots = 2 * self.settings.max_connections
-        renewed = checked = loop.time()
+        renewed = checked = halt_checked = loop.time()
+        retry_after: float | None = None
         await self._free_dead()
         while True:
             stopping = self.stop.is_set()
@@ -111,18 +127,27 @@ class Dispatcher:
             if not stopping and loop.time() - checked >= LIVENESS_EVERY:
                 checked = loop.time()
                 await self._free_dead()
+            check: set[int] = set()
+            if self._held and loop.time() - halt_checked >= HALT_CHECK_EVERY:
+                check = {i.batch.post_id for i in self._held.values() if not i.halted}
             claimed: list[ClaimedBatch] = []
-            if reports or want > 0 or renew:
+            if reports or want > 0 or renew or check:
                 started = loop.time()
                 try:
-                    states, still, claimed = await asyncio.to_thread(
-                        self._round, reports, renew, want
+                    states, still, claim, halted, events = await asyncio.to_thread(
+                        self._round, reports, renew, want, check
                     )
                 except Exception:
                     log.exception("could not reach the queue (will retry)")
                     self._unrecorded = reports
                     await asyncio.sleep(self.settings.poll_interval)
                     continue
+                for level, line in events:
+                    log.log(level, "%s", line, extra={"event": "throttle"})
+                if check:
+                    halt_checked = started
+                    self._halt(halted)
+                claimed, retry_after = claim.batches, claim.retry_after
                 self._after(reports, states)
                 if renew:
                     renewed = started
@@ -150,7 +175,10 @@ class Dispatcher:
                     self.outbox.put_nowait(None)
                 return
             if not claimed and not self._dirty:
-                await _wait(self.wake, min(self.settings.poll_interval, renew_every))
+                wait = min(self.settings.poll_interval, renew_every)
+                if retry_after is not None:  # throttled: look again when a token is due
+                    wait = max(0.01, min(wait, retry_after))
+                await _wait(self.wake, wait)
 
     def _hand_back_unstarted(self) -> None:
         while not self.outbox.empty():
@@ -173,18 +201,60 @@ class Dispatcher:
                 self._ending[item.batch.id] = item
         return reports
 
+    def _halt(self, halted: set[int]) -> None:
+        """Stop the batches of posts paused or cancelled: those not yet started go back
+        now, a sender stops a personalized one between two messages."""
+        if not halted:
+            return
+        stopped: dict[int, int] = {}
+        for item in self._held.values():
+            if item.batch.post_id in halted and not item.halted:
+                item.halted = True
+                stopped[item.batch.post_id] = stopped.get(item.batch.post_id, 0) + 1
+        waiting: list[InFlight | None] = []
+        while not self.outbox.empty():
+            waiting.append(self.outbox.get_nowait())
+        for queued in waiting:
+            if queued is not None and queued.halted:
+                self.finish(queued, End.HANDED_BACK)
+            else:
+                self.outbox.put_nowait(queued)
+        for post_id, n in sorted(stopped.items()):
+            log.info(
+                "post %d: paused or cancelled; %d batches in hand stop before their next"
+                " message, what they sent is recorded",
+                post_id,
+                n,
+                extra={"event": "post_halted", "post_id": post_id},
+            )
+
     def _round(
-        self, reports: list[Report], renew: list[ClaimedBatch], want: int
-    ) -> tuple[list[BatchState | None], set[int], list[ClaimedBatch]]:
-        claimed: list[ClaimedBatch] = []
+        self, reports: list[Report], renew: list[ClaimedBatch], want: int, check: set[int]
+    ) -> tuple[list[BatchState | None], set[int], Claim, set[int], list[Event]]:
+        claim = Claim([])
+        events: list[Event] = []
+        halted: set[int] = set()
         with self.db.session(durable=False) as session:
             still = batches.renew_leases(session, renew, worker=self.worker, lease=self.lease)
             states = batches.record(session, reports, worker=self.worker, policy=self.settings)
-            if want > 0:
-                claimed = batches.claim_batches(
-                    session, worker=self.worker, lease=self.lease, limit=want
+            if self.throttle is not None and any(r.results for r in reports):
+                events = throttling.observe(
+                    session,
+                    self.throttle,
+                    [(r.batch.domain, len(r.batch.recipients), r.results) for r in reports],
+                    db_now(session),
                 )
-        return states, still, claimed
+            if check:
+                halted = batches.halted(session, check)
+            if want > 0:
+                claim = batches.claim(
+                    session,
+                    worker=self.worker,
+                    lease=self.lease,
+                    limit=want,
+                    throttle=self.throttle,
+                )
+        return states, still, claim, halted, [*events, *claim.events]
 
     def _after(self, reports: list[Report], states: list[BatchState | None]) -> None:
         for report, state in zip(reports, states, strict=True):
@@ -217,6 +287,9 @@ class Dispatcher:
     def _free_dead_sync(self) -> int:
         self.liveness.check()
         with self.db.session(durable=False) as session:
+            retired = batches.retire_cancelled(session)
+            if retired:
+                log.info("finished %d batches of cancelled posts that came back", retired)
             return batches.release_dead_leases(session, alive=self.liveness.alive, me=self.worker)
 
 

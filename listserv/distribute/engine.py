@@ -24,6 +24,7 @@ from listserv.distribute.cache import PreparedCache
 from listserv.distribute.dispatcher import Dispatcher, InFlight
 from listserv.distribute.liveness import Liveness
 from listserv.distribute.results import RecipientResult
+from listserv.distribute.throttle import Throttle
 from listserv.models import RecipientState
 
 log = logging.getLogger("listserv.engine")
@@ -49,7 +50,12 @@ class DeliveryEngine:
         self.settings = settings
         self.stop = stop
         self.dispatcher = Dispatcher(
-            db, settings.delivery, worker=worker, liveness=liveness, stop=stop
+            db,
+            settings.delivery,
+            worker=worker,
+            liveness=liveness,
+            stop=stop,
+            throttle=Throttle(settings.throttle),
         )
         self.cache = PreparedCache(db, settings.keys_dir)
         self._phases: dict[int, sender.Phase] = {}

@@ -1,4 +1,5 @@
-"""What the queue holds, for `listserv queue status`: per post, recipients by state."""
+"""What the queue holds, for `listserv queue status`: per post, recipients by state,
+and the destination domains the throttle has slowed down or paused."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from datetime import datetime
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from listserv.db import db_now
+from listserv.distribute.throttle import Bucket, Throttle, snapshot
 from listserv.models import (
     BatchState,
     Delivery,
@@ -31,13 +34,37 @@ class PostStatus:
     reason: str = ""  # why it was held, discarded or failed
     counts: dict[str, int] = field(default_factory=dict)
     next_attempt_at: datetime | None = None
+    paused: bool = False  # `queue pause`: its batches wait for `queue resume`
+    recipients: int = 0  # snapshotted when it was queued
+
+    @property
+    def shown_state(self) -> str:
+        """The state as `queue status` shows it: "paused" for a paused post."""
+        if self.paused and self.state in (PostState.ACCEPTED, PostState.SENDING):
+            return "paused"
+        return self.state.value
+
+    @property
+    def answered(self) -> int:
+        """Recipients done with, for good: delivered or failed."""
+        return self.counts.get("delivered", 0) + self.counts.get("failed", 0)
 
 
 def status(
     session: Session, *, include_finished: bool = False, limit: int = 50
 ) -> list[PostStatus]:
-    """Per post: recipients waiting, in flight, deferred, delivered and failed."""
-    states = [PostState.ACCEPTED, PostState.SENDING, PostState.HELD, PostState.FAILED]
+    """Per post: recipients waiting, in flight, deferred, delivered and failed.
+
+    Cancelled posts are listed like failed ones (an operator's action to see); sent
+    ones only with `include_finished`.
+    """
+    states = [
+        PostState.ACCEPTED,
+        PostState.SENDING,
+        PostState.HELD,
+        PostState.FAILED,
+        PostState.CANCELLED,
+    ]
     if include_finished:
         states.append(PostState.SENT)
     posts = session.execute(
@@ -49,6 +76,8 @@ def status(
             Post.state,
             Post.created_at,
             Post.reason,
+            Post.paused,
+            Post.recipient_count,
         )
         .join(MailingList, MailingList.id == Post.list_id)
         .where(Post.state.in_(states))
@@ -56,8 +85,17 @@ def status(
         .limit(limit)
     )
     result = {
-        pid: PostStatus(pid, f"{local}@{domain}", subject, state, created, reason)
-        for pid, local, domain, subject, state, created, reason in posts
+        pid: PostStatus(
+            pid,
+            f"{local}@{domain}",
+            subject,
+            state,
+            created,
+            reason,
+            paused=paused,
+            recipients=count,
+        )
+        for pid, local, domain, subject, state, created, reason, paused, count in posts
     }
     if not result:
         return []
@@ -96,3 +134,8 @@ def pending_inbound(session: Session) -> dict[str, int]:
         .group_by(InboundMessage.kind)
     )
     return {kind: n for kind, n in rows}
+
+
+def throttled_domains(session: Session, throttle: Throttle) -> list[Bucket]:
+    """Domains slowed down (rate factor below 1) or paused now, by key."""
+    return snapshot(session, throttle, db_now(session))
