@@ -1,11 +1,8 @@
 """throttle: shared token buckets, paused posts, the cancelled post state
 
-Revision ID: t0005
-Revises: 0004
-Create Date: 2026-11-25 10:00:00
-
-Another 0005 (merge fields) may be written in parallel: at merge, one of the two
-takes the other as its down_revision, so that there is a single head.
+Revision ID: 0006
+Revises: 0005
+Create Date: 2026-11-24 02:00:00
 """
 
 from __future__ import annotations
@@ -15,8 +12,8 @@ from alembic import op
 
 import listserv.models
 
-revision = "t0005"
-down_revision = "0004"
+revision = "0006"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 
