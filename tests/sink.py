@@ -11,7 +11,13 @@ the sink (a reply, a dropped connection, a delay), so the code under test runs u
 
 Hooks run when aiosmtpd hands a command over: MAIL and RCPT on the command line, DATA once
 the whole message has arrived (so a DATA fault answers, delays or drops the final reply,
-after the client has sent the body).
+after the client has sent the body). DATA-START faults act on the DATA command line itself,
+before the 354 (so the client never sends the body).
+
+The sink advertises PIPELINING (RFC 2920) unless made with ``pipelining=False``: aiosmtpd
+reads one command line at a time and answers each in order, so it serves pipelined clients
+as they are. ``reads`` keeps every chunk of bytes it read from the network, to show whether
+commands arrived together or one at a time.
 
 Run as a script, it is a counting-only sink for benchmarks (nothing is stored)::
 
@@ -42,7 +48,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 __all__ = ["Received", "Sink"]
 
 DATA_SIZE_LIMIT = 64 * 1024 * 1024
-COMMANDS = frozenset({"MAIL", "RCPT", "DATA"})
+COMMANDS = frozenset({"MAIL", "RCPT", "DATA", "DATA-START"})
 
 
 @dataclass
@@ -102,6 +108,23 @@ class _Session(SMTP):
         self._sink._sessions.discard(self)
         super().connection_lost(error)
 
+    def data_received(self, data: bytes) -> None:
+        if self._sink.record:
+            self._sink.reads.append(data)
+        super().data_received(data)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        """Run DATA-START faults when the DATA command line arrives, before aiosmtpd's 354."""
+        assert self.envelope is not None
+        reply = None
+        if any(f.command == "DATA-START" for f in self._sink._faults):  # counters stay as they were
+            reply = await self._sink._apply_faults(self, "DATA-START", list(self.envelope.rcpt_tos))
+        if reply is not None:
+            self._sink._note("DATA", reply)
+            await self.push(reply)
+            return
+        await super().smtp_DATA(arg)
+
 
 class Sink:
     """An SMTP server on loopback that records what it accepts and misbehaves on request.
@@ -110,10 +133,19 @@ class Sink:
     its hooks. With ``record=False`` only counts and timestamps are kept (for benchmarks).
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, record: bool = True) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        record: bool = True,
+        pipelining: bool = True,
+    ) -> None:
         self.host = host
         self.port = port
         self.record = record
+        self.pipelining = pipelining
+        self.reads: list[bytes] = []  # every chunk read from any client, in order
         self.received: list[Received] = []
         self.counters: Counter[str] = Counter()
         self.transcript: list[tuple[str, str]] = []  # (command, reply) of each hook call
@@ -161,7 +193,8 @@ class Sink:
     def script(self, command: str, reply: str, *, times: int = 1, match: str | None = None) -> None:
         """Answer the next ``times`` matching ``command``s with ``reply`` instead of accepting.
 
-        ``match`` is a substring of the MAIL or RCPT address (for DATA: of any recipient).
+        ``match`` is a substring of the MAIL or RCPT address (for DATA and DATA-START: of any
+        accepted recipient).
         """
         self._add(_Fault(_command(command), "reply", _times(times), match, reply=reply))
 
@@ -203,6 +236,20 @@ class Sink:
             ) from None
 
     # -- aiosmtpd hooks ----------------------------------------------------------------------
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        """aiosmtpd's own keywords, plus PIPELINING unless the sink was made without it."""
+        session.host_name = hostname  # this hook's contract: aiosmtpd leaves it to us
+        if self.pipelining:
+            responses.insert(-1, "250-PIPELINING")
+        return responses
 
     async def handle_MAIL(
         self,
