@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.parser import BytesParser
 from email.policy import SMTP as SMTP_POLICY
-from typing import Literal, NoReturn
+from typing import Any, Literal, NoReturn
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
@@ -60,6 +60,7 @@ class Received:
     data: bytes
     mail_options: list[str] = field(default_factory=list)
     helo: str = ""  # the client's EHLO/HELO name
+    tls: bool = False  # whether the session was under STARTTLS when DATA arrived
 
     def message(self) -> EmailMessage:
         """Parse ``data`` with ``email.policy.SMTP``; ``data`` stays the record."""
@@ -78,6 +79,7 @@ class _Fault:
     match: str | None = None
     reply: str = ""
     seconds: float = 0.0
+    release: asyncio.Event | None = None  # a "delay" that lasts until this is set
 
     def applies(self, subjects: list[str]) -> bool:
         return self.match is None or any(self.match in s for s in subjects)
@@ -87,13 +89,13 @@ class _Session(SMTP):
     """aiosmtpd's protocol, tracked so that ``Sink.stop()`` can close live connections."""
 
     def __init__(self, sink: Sink) -> None:
-        super().__init__(
-            sink,
-            hostname="sink.test",  # default socket.getfqdn() can do a DNS lookup per connection
-            data_size_limit=DATA_SIZE_LIMIT,
-            enable_SMTPUTF8=True,
-            loop=asyncio.get_running_loop(),
-        )
+        options: dict[str, Any] = {
+            "hostname": "sink.test",  # default socket.getfqdn() can do a DNS lookup per connection
+            "data_size_limit": DATA_SIZE_LIMIT,
+            "enable_SMTPUTF8": True,
+            **sink.smtp_options,
+        }
+        super().__init__(sink, loop=asyncio.get_running_loop(), **options)
         self._sink = sink
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -140,11 +142,15 @@ class Sink:
         *,
         record: bool = True,
         pipelining: bool = True,
+        **smtp_options: Any,
     ) -> None:
+        """``smtp_options`` go to aiosmtpd's ``SMTP`` (``tls_context``, ``authenticator``,
+        ``enable_SMTPUTF8=False``, ...), to make a sink that needs STARTTLS or AUTH."""
         self.host = host
         self.port = port
         self.record = record
         self.pipelining = pipelining
+        self.smtp_options = smtp_options
         self.reads: list[bytes] = []  # every chunk read from any client, in order
         self.received: list[Received] = []
         self.counters: Counter[str] = Counter()
@@ -177,7 +183,11 @@ class Sink:
             if session.transport is not None:
                 session.transport.close()
         # Each transport's connection_lost() cancels its session task; awaiting them here
-        # means no task is left pending when the caller closes the loop.
+        # means no task is left pending when the caller closes the loop. A session whose
+        # STARTTLS handshake failed never hears of connection_lost() (asyncio's SSL layer
+        # keeps it from the protocol), so its task is cancelled here instead.
+        for task in self._tasks:
+            task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await server.wait_closed()
 
@@ -207,6 +217,12 @@ class Sink:
     ) -> None:
         """Wait ``seconds`` before handling ``command`` (and any scripted fault for it)."""
         self._add(_Fault(_command(command), "delay", _times(times), match, seconds=seconds))
+
+    def hold(self, command: str, *, times: int = 1, match: str | None = None) -> asyncio.Event:
+        """Hold ``command`` unanswered until the returned event is set (a delay with no clock)."""
+        release = asyncio.Event()
+        self._add(_Fault(_command(command), "delay", _times(times), match, release=release))
+        return release
 
     def _add(self, fault: _Fault) -> None:
         self._faults.append(fault)
@@ -307,6 +323,7 @@ class Sink:
                     data=envelope.original_content,
                     mail_options=list(envelope.mail_options),
                     helo=str(session.host_name or ""),
+                    tls=session.ssl is not None,
                 )
             )
         reply = f"250 2.0.0 OK queued as {self.accepted_messages}"
@@ -336,7 +353,10 @@ class Sink:
                 used.remaining -= 1
         self._faults = [f for f in self._faults if f.remaining != 0]
         for delay in delays:
-            await asyncio.sleep(delay.seconds)
+            if delay.release is not None:
+                await delay.release.wait()
+            else:
+                await asyncio.sleep(delay.seconds)
         if final is None:
             return None
         if final.action == "disconnect":
