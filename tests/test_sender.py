@@ -169,6 +169,50 @@ async def test_all_rcpts_refused_reads_the_data_reply_and_the_connection_carries
     assert wire(sink).count(b"EHLO") == 1 and wire(sink).count(b"RSET\r\n") == 1
 
 
+class _DataAnyway:
+    """An aiosmtpd handler that refuses every RCPT yet answers DATA with 354, as
+    RFC 2920 section 1 (3) says some servers do."""
+
+    def __init__(self) -> None:
+        self.contents: list[bytes] = []
+
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        envelope.rcpt_tos.append(address)  # so aiosmtpd will not answer DATA with 503
+        return "550 5.1.1 no such user"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.contents.append(envelope.original_content)
+        return "250 OK"
+
+
+async def test_a_354_after_every_rcpt_was_refused_gets_a_lone_dot_not_the_message() -> None:
+    from aiosmtpd.smtp import SMTP
+
+    handler = _DataAnyway()
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: SMTP(handler, hostname="odd.test"), "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        conn = sender.Connection(DeliverySettings(host="127.0.0.1", port=port), "x.example")
+        group = rcpts("ann@a.example", "bob@b.example")
+        for _ in range(2):  # the second proves the connection stayed in step
+            results = await sender.send(conn, FROM, group, MESSAGE)
+            assert set(by_address(group, results).values()) == {(FAILED, 550)}
+        assert handler.contents == [b"", b""]  # RFC 2920 3.1: "send a single dot"
+        await conn.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 @pytest.mark.parametrize("at", ["DATA-START", "DATA"], ids=["before-354", "after-the-dot"])
 @pytest.mark.parametrize(
     ("reply", "outcome"),
