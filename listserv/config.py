@@ -64,6 +64,9 @@ class DeliverySettings:
     username: str = ""
     password: str = ""
     timeout: float = 60.0
+    #: write MAIL, every RCPT and DATA in one go when the smarthost offers PIPELINING
+    #: (RFC 2920); false: one command at a time, for a smarthost that mishandles it
+    pipelining: bool = True
     retry_initial: float = 300.0
     retry_factor: float = 2.0
     retry_max_interval: float = 4 * 3600.0

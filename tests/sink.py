@@ -11,7 +11,13 @@ the sink (a reply, a dropped connection, a delay), so the code under test runs u
 
 Hooks run when aiosmtpd hands a command over: MAIL and RCPT on the command line, DATA once
 the whole message has arrived (so a DATA fault answers, delays or drops the final reply,
-after the client has sent the body).
+after the client has sent the body). DATA-START faults act on the DATA command line itself,
+before the 354 (so the client never sends the body).
+
+The sink advertises PIPELINING (RFC 2920) unless made with ``pipelining=False``: aiosmtpd
+reads one command line at a time and answers each in order, so it serves pipelined clients
+as they are. ``reads`` keeps every chunk of bytes it read from the network, to show whether
+commands arrived together or one at a time.
 
 Run as a script, it is a counting-only sink for benchmarks (nothing is stored)::
 
@@ -35,14 +41,14 @@ from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.parser import BytesParser
 from email.policy import SMTP as SMTP_POLICY
-from typing import Literal, NoReturn
+from typing import Any, Literal, NoReturn
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 __all__ = ["Received", "Sink"]
 
 DATA_SIZE_LIMIT = 64 * 1024 * 1024
-COMMANDS = frozenset({"MAIL", "RCPT", "DATA"})
+COMMANDS = frozenset({"MAIL", "RCPT", "DATA", "DATA-START"})
 
 
 @dataclass
@@ -54,6 +60,7 @@ class Received:
     data: bytes
     mail_options: list[str] = field(default_factory=list)
     helo: str = ""  # the client's EHLO/HELO name
+    tls: bool = False  # whether the session was under STARTTLS when DATA arrived
 
     def message(self) -> EmailMessage:
         """Parse ``data`` with ``email.policy.SMTP``; ``data`` stays the record."""
@@ -72,6 +79,7 @@ class _Fault:
     match: str | None = None
     reply: str = ""
     seconds: float = 0.0
+    release: asyncio.Event | None = None  # a "delay" that lasts until this is set
 
     def applies(self, subjects: list[str]) -> bool:
         return self.match is None or any(self.match in s for s in subjects)
@@ -81,13 +89,13 @@ class _Session(SMTP):
     """aiosmtpd's protocol, tracked so that ``Sink.stop()`` can close live connections."""
 
     def __init__(self, sink: Sink) -> None:
-        super().__init__(
-            sink,
-            hostname="sink.test",  # default socket.getfqdn() can do a DNS lookup per connection
-            data_size_limit=DATA_SIZE_LIMIT,
-            enable_SMTPUTF8=True,
-            loop=asyncio.get_running_loop(),
-        )
+        options: dict[str, Any] = {
+            "hostname": "sink.test",  # default socket.getfqdn() can do a DNS lookup per connection
+            "data_size_limit": DATA_SIZE_LIMIT,
+            "enable_SMTPUTF8": True,
+            **sink.smtp_options,
+        }
+        super().__init__(sink, loop=asyncio.get_running_loop(), **options)
         self._sink = sink
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -102,6 +110,23 @@ class _Session(SMTP):
         self._sink._sessions.discard(self)
         super().connection_lost(error)
 
+    def data_received(self, data: bytes) -> None:
+        if self._sink.record:
+            self._sink.reads.append(data)
+        super().data_received(data)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        """Run DATA-START faults when the DATA command line arrives, before aiosmtpd's 354."""
+        assert self.envelope is not None
+        reply = None
+        if any(f.command == "DATA-START" for f in self._sink._faults):  # counters stay as they were
+            reply = await self._sink._apply_faults(self, "DATA-START", list(self.envelope.rcpt_tos))
+        if reply is not None:
+            self._sink._note("DATA", reply)
+            await self.push(reply)
+            return
+        await super().smtp_DATA(arg)
+
 
 class Sink:
     """An SMTP server on loopback that records what it accepts and misbehaves on request.
@@ -110,10 +135,23 @@ class Sink:
     its hooks. With ``record=False`` only counts and timestamps are kept (for benchmarks).
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, record: bool = True) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        record: bool = True,
+        pipelining: bool = True,
+        **smtp_options: Any,
+    ) -> None:
+        """``smtp_options`` go to aiosmtpd's ``SMTP`` (``tls_context``, ``authenticator``,
+        ``enable_SMTPUTF8=False``, ...), to make a sink that needs STARTTLS or AUTH."""
         self.host = host
         self.port = port
         self.record = record
+        self.pipelining = pipelining
+        self.smtp_options = smtp_options
+        self.reads: list[bytes] = []  # every chunk read from any client, in order
         self.received: list[Received] = []
         self.counters: Counter[str] = Counter()
         self.transcript: list[tuple[str, str]] = []  # (command, reply) of each hook call
@@ -145,7 +183,11 @@ class Sink:
             if session.transport is not None:
                 session.transport.close()
         # Each transport's connection_lost() cancels its session task; awaiting them here
-        # means no task is left pending when the caller closes the loop.
+        # means no task is left pending when the caller closes the loop. A session whose
+        # STARTTLS handshake failed never hears of connection_lost() (asyncio's SSL layer
+        # keeps it from the protocol), so its task is cancelled here instead.
+        for task in self._tasks:
+            task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await server.wait_closed()
 
@@ -161,7 +203,8 @@ class Sink:
     def script(self, command: str, reply: str, *, times: int = 1, match: str | None = None) -> None:
         """Answer the next ``times`` matching ``command``s with ``reply`` instead of accepting.
 
-        ``match`` is a substring of the MAIL or RCPT address (for DATA: of any recipient).
+        ``match`` is a substring of the MAIL or RCPT address (for DATA and DATA-START: of any
+        accepted recipient).
         """
         self._add(_Fault(_command(command), "reply", _times(times), match, reply=reply))
 
@@ -174,6 +217,12 @@ class Sink:
     ) -> None:
         """Wait ``seconds`` before handling ``command`` (and any scripted fault for it)."""
         self._add(_Fault(_command(command), "delay", _times(times), match, seconds=seconds))
+
+    def hold(self, command: str, *, times: int = 1, match: str | None = None) -> asyncio.Event:
+        """Hold ``command`` unanswered until the returned event is set (a delay with no clock)."""
+        release = asyncio.Event()
+        self._add(_Fault(_command(command), "delay", _times(times), match, release=release))
+        return release
 
     def _add(self, fault: _Fault) -> None:
         self._faults.append(fault)
@@ -203,6 +252,20 @@ class Sink:
             ) from None
 
     # -- aiosmtpd hooks ----------------------------------------------------------------------
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        """aiosmtpd's own keywords, plus PIPELINING unless the sink was made without it."""
+        session.host_name = hostname  # this hook's contract: aiosmtpd leaves it to us
+        if self.pipelining:
+            responses.insert(-1, "250-PIPELINING")
+        return responses
 
     async def handle_MAIL(
         self,
@@ -260,6 +323,7 @@ class Sink:
                     data=envelope.original_content,
                     mail_options=list(envelope.mail_options),
                     helo=str(session.host_name or ""),
+                    tls=session.ssl is not None,
                 )
             )
         reply = f"250 2.0.0 OK queued as {self.accepted_messages}"
@@ -289,7 +353,10 @@ class Sink:
                 used.remaining -= 1
         self._faults = [f for f in self._faults if f.remaining != 0]
         for delay in delays:
-            await asyncio.sleep(delay.seconds)
+            if delay.release is not None:
+                await delay.release.wait()
+            else:
+                await asyncio.sleep(delay.seconds)
         if final is None:
             return None
         if final.action == "disconnect":

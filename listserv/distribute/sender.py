@@ -1,9 +1,10 @@
 """Send one batch over SMTP and say what happened to every recipient.
 
-aiosmtplib's exceptions and reply codes become `RecipientResult`s here and
-nowhere else. Per RFC 5321: 2xx delivered, 4xx deferred (552 at RCPT too,
-section 4.5.3.1.10), any other 5xx failed. A connection that cannot be made or
-that drops defers every recipient still open: nothing is lost, it is retried.
+The SMTP client's errors and replies become `RecipientResult`s here and nowhere
+else. Per RFC 5321: 2xx delivered, 4xx deferred (552 at RCPT too, section
+4.5.3.1.10), any other 5xx failed. A connection that cannot be made defers every
+recipient; one that drops mid-transaction keeps the final refusals already read
+(a 5xx to RCPT stays failed) and defers the rest: nothing is lost, it is retried.
 """
 
 from __future__ import annotations
@@ -11,24 +12,21 @@ from __future__ import annotations
 import logging
 import ssl
 from collections.abc import Sequence
-from dataclasses import dataclass
-
-import aiosmtplib
-from aiosmtplib import SMTPResponse
 
 from listserv.config import DeliverySettings
 from listserv.distribute.results import RecipientResult
+from listserv.distribute.smtp_client import (
+    ClientError,
+    ConnectionLost,
+    Phase,
+    SMTPClient,
+    Transcript,
+)
 from listserv.models import RecipientState
 
+__all__ = ["Connection", "Phase", "send", "to_results"]
+
 log = logging.getLogger("listserv.sender")
-
-
-@dataclass
-class Phase:
-    """Where a transaction is, for a graceful stop: once DATA is under way the
-    message may be delivered, so the stop waits for the reply instead of cancelling."""
-
-    in_data: bool = False
 
 
 class Connection:
@@ -37,45 +35,41 @@ class Connection:
     def __init__(self, settings: DeliverySettings, local_hostname: str) -> None:
         self.settings = settings
         self.local_hostname = local_hostname
-        self._smtp: aiosmtplib.SMTP | None = None
+        self._client: SMTPClient | None = None
 
-    async def open(self) -> aiosmtplib.SMTP:
-        if self._smtp is not None and self._smtp.is_connected:
-            return self._smtp
+    async def open(self) -> SMTPClient:
+        """The open session, or a new one if there is none or it went away."""
+        if self._client is not None and self._client.usable:
+            return self._client
+        self.drop()
         s = self.settings
-        smtp = aiosmtplib.SMTP(
-            hostname=s.host,
-            port=s.port,
-            timeout=s.timeout,
+        client = await SMTPClient.connect(
+            s.host,
+            s.port,
             local_hostname=self.local_hostname,
-            start_tls=s.starttls,
+            timeout=s.timeout,
             tls_context=self._tls_context() if s.starttls else None,
+            username=s.username,
+            password=s.password,
         )
-        await smtp.connect()
-        if smtp.is_ehlo_or_helo_needed:
-            await smtp.ehlo()  # so the extensions are known before the first MAIL
-        if s.username:
-            await smtp.login(s.username, s.password)
-        self._smtp = smtp
-        return smtp
+        client.use_pipelining = s.pipelining
+        self._client = client
+        return client
 
     def _tls_context(self) -> ssl.SSLContext:
         """Verified TLS: against tls_ca_file when given, else the system's CA store."""
         return ssl.create_default_context(cafile=self.settings.tls_ca_file or None)
 
     async def close(self) -> None:
-        smtp, self._smtp = self._smtp, None
-        if smtp is None or not smtp.is_connected:
-            return
-        try:
-            await smtp.quit()
-        except (aiosmtplib.SMTPException, OSError):
-            smtp.close()
+        client, self._client = self._client, None
+        if client is not None:
+            await client.quit()
 
     def drop(self) -> None:
-        smtp, self._smtp = self._smtp, None
-        if smtp is not None:
-            smtp.close()
+        """Close at once, sending nothing more (not even a buffered final dot)."""
+        client, self._client = self._client, None
+        if client is not None:
+            client.abort()
 
 
 def _outcome(code: int, *, at_rcpt: bool = False) -> RecipientState:
@@ -92,6 +86,38 @@ def _all(
     return [RecipientResult(rid, outcome, code, detail) for rid, _ in recipients]
 
 
+def _trouble(exc: ClientError) -> str:
+    return f"connection lost: {exc}" if isinstance(exc, ConnectionLost) else f"SMTP error: {exc}"
+
+
+def to_results(recipients: Sequence[tuple[int, str]], t: Transcript) -> list[RecipientResult]:
+    """Each recipient's outcome from the replies one transaction got."""
+    if t.mail is not None and not t.mail.ok:
+        detail = f"MAIL FROM refused: {t.mail}"
+        return _all(recipients, _outcome(t.mail.code), t.mail.code, detail)
+    open_detail = _trouble(t.lost) if t.lost is not None else "no reply"
+    results: list[RecipientResult] = []
+    accepted: list[int] = []
+    for index, (rid, _) in enumerate(recipients):
+        if index >= len(t.rcpts):  # never answered: the connection broke first
+            results.append(RecipientResult(rid, RecipientState.DEFERRED, None, open_detail))
+        elif t.rcpts[index].ok:  # 250, 251 and 252 alike (RFC 5321 3.4, 3.5.3)
+            accepted.append(rid)
+        else:
+            reply = t.rcpts[index]
+            outcome = _outcome(reply.code, at_rcpt=True)
+            results.append(RecipientResult(rid, outcome, reply.code, reply.text))
+    end = t.final
+    if end is None and t.data is not None and t.data.code != 354:
+        end = t.data  # DATA itself refused (451, 554, ...)
+    for rid in accepted:
+        if end is None:
+            results.append(RecipientResult(rid, RecipientState.DEFERRED, None, open_detail))
+        else:
+            results.append(RecipientResult(rid, _outcome(end.code), end.code, end.text))
+    return results
+
+
 async def send(
     conn: Connection,
     envelope_from: str,
@@ -101,77 +127,29 @@ async def send(
 ) -> list[RecipientResult]:
     """One SMTP transaction: MAIL, a RCPT per recipient, DATA. Never raises for SMTP trouble."""
     try:
-        smtp = await conn.open()
-    except (aiosmtplib.SMTPException, OSError) as exc:
+        client = await conn.open()
+    except ClientError as exc:
         conn.drop()
         return _all(recipients, RecipientState.DEFERRED, None, f"connection failed: {exc}")
-    try:
-        return await _transaction(smtp, envelope_from, recipients, message, phase or Phase())
-    except aiosmtplib.SMTPServerDisconnected as exc:
-        conn.drop()
-        return _all(recipients, RecipientState.DEFERRED, None, f"connection lost: {exc}")
-    except (aiosmtplib.SMTPException, OSError) as exc:
-        conn.drop()
-        return _all(recipients, RecipientState.DEFERRED, None, f"SMTP error: {exc}")
-
-
-async def _transaction(
-    smtp: aiosmtplib.SMTP,
-    envelope_from: str,
-    recipients: Sequence[tuple[int, str]],
-    message: bytes,
-    phase: Phase,
-) -> list[RecipientResult]:
     options = []
-    if not message.isascii() and smtp.supports_extension("8BITMIME"):
+    if not message.isascii() and client.supports("8BITMIME"):
         options.append("BODY=8BITMIME")
     headers = message[: message.find(b"\r\n\r\n")]
     utf8 = not (
         envelope_from.isascii() and headers.isascii() and all(a.isascii() for _, a in recipients)
     )
     if utf8:
-        if not smtp.supports_extension("SMTPUTF8"):
+        if not client.supports("SMTPUTF8"):
             return _all(recipients, RecipientState.FAILED, 553, "smarthost lacks SMTPUTF8")
         options.append("SMTPUTF8")
-    encoding = "utf-8" if utf8 else "ascii"
-    try:
-        await smtp.mail(envelope_from, options=options, encoding=encoding)
-    except aiosmtplib.SMTPResponseException as exc:
-        await _reset(smtp)
-        detail = f"MAIL FROM refused: {exc.code} {exc.message}"
-        return _all(recipients, _outcome(exc.code), exc.code, detail)
-    results: list[RecipientResult] = []
-    accepted: list[tuple[int, SMTPResponse]] = []
-    for rid, address in recipients:
-        # Our addresses are normalized already: skip aiosmtplib's per-address
-        # parse-and-quote, a sixth of the CPU of a large fan-out.
-        response = await smtp.execute_command(b"RCPT", b"TO:<" + address.encode(encoding) + b">")
-        if 200 <= response.code < 300:  # 250, 251 and 252 alike (RFC 5321 3.4, 3.5.3)
-            accepted.append((rid, response))
-        else:
-            outcome = _outcome(response.code, at_rcpt=True)
-            results.append(RecipientResult(rid, outcome, response.code, response.message))
-    if not accepted:
-        await _reset(smtp)
-        return results
-    phase.in_data = True
-    try:
-        response = await smtp.data(message)
-        code, text = response.code, response.message
-    except aiosmtplib.SMTPResponseException as exc:
-        code, text = exc.code, exc.message
-    finally:
-        phase.in_data = False
-    outcome = _outcome(code)
-    if outcome is not RecipientState.DELIVERED:
-        await _reset(smtp)
-    results.extend(RecipientResult(rid, outcome, code, text) for rid, _ in accepted)
-    return results
-
-
-async def _reset(smtp: aiosmtplib.SMTP) -> None:
-    """Best effort: a connection that breaks here is noticed and reopened on next use."""
-    try:
-        await smtp.rset()
-    except (aiosmtplib.SMTPException, OSError):
-        smtp.close()
+    transcript = await client.transaction(
+        envelope_from,
+        [address for _, address in recipients],
+        message,
+        options=options,
+        encoding="utf-8" if utf8 else "ascii",
+        phase=phase,
+    )
+    if transcript.lost is not None:
+        conn.drop()
+    return to_results(recipients, transcript)
