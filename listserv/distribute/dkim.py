@@ -106,7 +106,7 @@ _FIELD_NAME = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
 #: which cost 0.2 ms per 4 KB message when every space was one.
 _WSP = re.compile(rb"\t[ \t]*| [ \t]+")
 _WSP_AT_EOL = re.compile(rb"[ \t]+(?=\r\n|\Z)")
-#: A line ending other than CRLF, as aiosmtplib (protocol.py) finds and sends as CRLF.
+#: A line ending other than CRLF, which our SMTP client (smtp_client.dot_stuff) sends as CRLF.
 _BARE_EOL = re.compile(rb"\r\n|\n|\r(?!\n)")
 #: Longest line of the DKIM-Signature field we write, CRLF excluded (RFC 5322
 #: §2.1.1 asks for at most 78).
