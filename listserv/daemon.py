@@ -26,7 +26,6 @@ from listserv.distribute.engine import DeliveryEngine
 from listserv.distribute.liveness import Liveness, worker_id
 from listserv.moderation import task as moderation
 from listserv.pipeline.auth import Authenticator
-from listserv.smtp_in.commit import GroupCommit
 from listserv.smtp_in.server import InboundServer
 from listserv.workers import WorkerPool
 
@@ -84,14 +83,12 @@ class Daemon:
             return
         on_queued = engine.wake if self.workers is None else self.workers.wake
         authenticator = await asyncio.to_thread(Authenticator.from_settings, s)
-        committer = GroupCommit(self.db)
         server = await InboundServer.start(
             self.db,
             s.server,
             on_accepted=self._posts_waiting.set,
             policy=s.policy,
             authenticator=authenticator,
-            committer=committer,
         )
         runner: web.AppRunner | None = None
         try:
@@ -146,7 +143,6 @@ class Daemon:
                 self._posts_waiting.set()
         finally:
             await server.drain(INBOUND_DRAIN)
-            await asyncio.to_thread(committer.close)
             if runner is not None:
                 await runner.cleanup()
 

@@ -93,7 +93,8 @@ class PostContext:
     #: roles, own action and emergency flag of each address above, by lower-cased address
     standing: Mapping[str, Standing]
     #: active recipients (members with delivery enabled); a post to several lists
-    #: counts the distinct addresses of all of them
+    #: counts the union of their recipients; 0 when no list of the post has an
+    #: approval_threshold (the count scans every member, so it is only made when needed)
     recipients: int
     #: when the post was received (aware)
     now: datetime

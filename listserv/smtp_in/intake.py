@@ -154,8 +154,11 @@ def _receive(
             authenticated: frozenset[str] = frozenset()
             if any(m.require_authenticated_sender for m in mlists):
                 authenticated = _authenticated(envelope, msg, authenticator)
-            # a post to several lists is judged on the union of their recipients
-            recipients = members.recipient_count(session, [m.id for m in mlists])
+            # a post to several lists is judged on the union of their recipients; the
+            # count scans every member, so only when some list has a threshold
+            recipients = 0
+            if any(m.approval_threshold > 0 for m in mlists):
+                recipients = members.recipient_count(session, [m.id for m in mlists])
             for mlist in mlists:
                 ctx = build_context(
                     session,
@@ -376,7 +379,9 @@ def build_context(
         by_address[row.address.lower()].append(row)
     standing = {address: _standing(group) for address, group in by_address.items()}
     if recipients is None:
-        recipients = members.recipient_count(session, [mlist.id])
+        recipients = (
+            members.recipient_count(session, [mlist.id]) if mlist.approval_threshold > 0 else 0
+        )
     return PostContext(
         mlist=mlist,
         msg=msg,
