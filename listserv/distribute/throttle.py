@@ -42,7 +42,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import cast
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -463,19 +463,7 @@ def lock(session: Session) -> dict[str, Bucket]:
         )
         conn.execute(first)
     rows = conn.execute(sa.select(table)).all()
-    return {
-        row.key: Bucket(
-            row.key,
-            row.tokens,
-            row.updated_at,
-            row.factor,
-            row.changed_at,
-            row.paused_until,
-            row.note,
-            stored=True,
-        )
-        for row in rows
-    }
+    return {row.key: _bucket_of(row) for row in rows}
 
 
 def _insert_ignoring_conflicts(session: Session) -> sa.Insert:
@@ -579,19 +567,24 @@ def snapshot(session: Session, throttle: Throttle, now: datetime) -> list[Bucket
     rows = session.scalars(sa.select(ThrottleBucket).order_by(ThrottleBucket.key)).all()
     shown: list[Bucket] = []
     for row in rows:
-        bucket = Bucket(
-            row.key,
-            row.tokens,
-            row.updated_at,
-            row.factor,
-            row.changed_at,
-            row.paused_until,
-            row.note,
-            stored=True,
-        )
+        bucket = _bucket_of(row)
         throttle.restore(bucket, now)
         if bucket.paused_until is not None and bucket.paused_until <= now:
             bucket = replace(bucket, paused_until=None)
         if bucket.factor < 1.0 or bucket.paused_until is not None:
             shown.append(bucket)
     return shown
+
+
+def _bucket_of(row: Any) -> Bucket:
+    """A stored bucket (a table row or a ThrottleBucket) as the throttle works on it."""
+    return Bucket(
+        row.key,
+        row.tokens,
+        row.updated_at,
+        row.factor,
+        row.changed_at,
+        row.paused_until,
+        row.note,
+        stored=True,
+    )
