@@ -391,3 +391,29 @@ async def test_a_batch_taken_over_by_another_worker_is_no_longer_sent(
         batch = s.scalars(sa.select(DeliveryBatch)).one()
     assert batch.lease_owner == "otherhost:1:thief"  # nothing of ours overwrote the thief's
     thief.close()
+
+
+async def test_a_small_post_is_not_kept_waiting_behind_a_big_one(
+    db: Database, sink: Sink, daemon_factory: Any
+) -> None:
+    """Claims take each post's first due batch before anyone's second."""
+    big = make_list(
+        db,
+        "big@lists.example.org",
+        members_=[f"m{i:04d}@d{i % 100}.example" for i in range(1000)],
+        senders=[SENDER],
+    )
+    small = make_list(db, "small@lists.example.org", members_=["ann@one.example"], senders=[SENDER])
+    sink.delay("DATA", 0.05, times=-1)  # 100 batches over 4 connections: about 1.3 s
+    daemon = await daemon_factory()
+    await send(daemon.port, post_text(subject="Big"), rcpts=[big])
+    await sink.wait_for_messages(4)
+    await send(daemon.port, post_text(subject="Small"), rcpts=[small])
+
+    def small_arrived() -> bool:
+        return "ann@one.example" in sink.recipients()
+
+    await wait_until(small_arrived, timeout=30)
+    big_done = sum(1 for r in sink.received if "Big" in str(r.message()["Subject"]))
+    assert big_done < 100 // 2, f"the small post waited for {big_done} of the big post's batches"
+    await wait_until(lambda: post_state(db) is PostState.SENT, timeout=60)

@@ -165,7 +165,7 @@ def claim(
         chosen = []
         if not blocked & set(throttling.GLOBAL):
             candidates = _candidates(
-                conn, throttle, sa.and_(due_now, sending), order, blocked, limit, postgresql
+                conn, throttle, sa.and_(due_now, sending), order, blocked, limit
             )
             decision = throttle.admit(candidates, buckets, in_flight, limit, now)
             chosen = decision.admitted
@@ -241,7 +241,6 @@ def _candidates(
     order: tuple[Any, ...],
     blocked: set[str],
     limit: int,
-    postgresql: bool,
 ) -> list[Candidate]:
     """Due batches of the domains not blocked, in claim order, with what each costs.
 
@@ -252,6 +251,17 @@ def _candidates(
         .correlate(DeliveryBatch)
         .scalar_subquery()
     )
+    # Fair between posts: each post's first due batch comes before anyone's second, so
+    # a 200-member post does not queue behind the 200 batches of a 100,000-member one.
+    rank = sa.func.row_number().over(partition_by=DeliveryBatch.post_id, order_by=order)
+    ranked = (
+        sa.select(DeliveryBatch.id.label("id"), rank.label("rank"))
+        .join(Post, Post.id == DeliveryBatch.post_id)
+        .where(due)
+    )
+    if blocked:
+        ranked = ranked.where(DeliveryBatch.domain.not_in(throttle.domains_of(blocked)))
+    fair = ranked.subquery()
     query = (
         sa.select(
             DeliveryBatch.id,
@@ -260,16 +270,15 @@ def _candidates(
             sa.func.coalesce(Post.delivery_mode, MailingList.delivery_mode),
             open_count,
         )
+        .join(fair, fair.c.id == DeliveryBatch.id)
         .join(Post, Post.id == DeliveryBatch.post_id)
         .join(MailingList, MailingList.id == Post.list_id)
-        .where(due)
-        .order_by(*order)
+        .order_by(fair.c.rank, *order)
         .limit(limit * CANDIDATES_PER_SLOT + 8)
     )
-    if blocked:
-        query = query.where(DeliveryBatch.domain.not_in(throttle.domains_of(blocked)))
-    if postgresql:
-        query = query.with_for_update(skip_locked=True, of=DeliveryBatch)
+    # No FOR UPDATE here (PostgreSQL refuses it with a window function): claimers are
+    # serialized by the throttle's lock row (throttling.lock), and the UPDATE that
+    # leases checks again that each batch is still due.
     candidates = []
     for batch_id, domain, audience, mode, n_open in conn.execute(query):
         personalized = (
