@@ -58,6 +58,32 @@ def percentile(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, round(p * (len(values) - 1)))]
 
 
+def fairness(port: int, db_url: str, message: bytes) -> float:
+    """Seconds from the 250 of a post to the 200-member list until it is sent."""
+    import smtplib
+
+    from listserv.db import Database
+    from listserv.models import Post, PostState
+
+    with smtplib.SMTP("127.0.0.1", port, timeout=60) as client:
+        client.ehlo()
+        client.mail(SENDER)
+        client.rcpt(SMALL)
+        _, reply = client.data(message)
+        accepted = time.time()
+    post_id = int(reply.decode().rsplit(" ", 1)[1])
+    db = Database(db_url)
+    try:
+        while True:
+            with db.reading() as session:
+                post = session.get(Post, post_id)
+                if post is not None and post.state is PostState.SENT and post.finished_at:
+                    return post.finished_at.timestamp() - accepted
+            time.sleep(0.02)
+    finally:
+        db.dispose()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", default="1,10,100", help="comma-separated concurrencies")
@@ -89,7 +115,11 @@ def main() -> None:
         for address in (SMALL, BIG):
             run([*LISTSERV, "lists", "create", address, "--policy", "announce"], env)
             run([*LISTSERV, "members", "add", address, SENDER, "--role", "sender"], env)
-        run([*LISTSERV, "members", "add", SMALL, "a@one.example", "b@two.example"], env)
+        small_csv = work / "small.csv"
+        small_csv.write_text(
+            "address,name,role\n" + "".join(f"s{i}@d{i % 20}.example,,member\n" for i in range(200))
+        )
+        run([*LISTSERV, "members", "import", SMALL, str(small_csv)], env)
         if args.fanout:
             csv_path = work / "members.csv"
             csv_path.write_text(
@@ -107,6 +137,11 @@ def main() -> None:
             with smtplib.SMTP("127.0.0.1", smtp_port, timeout=60) as client:
                 client.sendmail(SENDER, [BIG], message)
             print(f"fan-out:            {args.fanout} members, posted before the rounds")
+            time.sleep(0.5)
+            print(
+                f"fairness:           {fairness(smtp_port, db_url, message):.2f} s from the 250"
+                " of a 200-member post to its last recipient, during the fan-out"
+            )
         for clients in (int(c) for c in args.clients.split(",")):
             seconds, latencies = asyncio.run(round_of(smtp_port, clients, args.posts, message))
             total = clients * args.posts
