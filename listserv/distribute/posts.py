@@ -35,6 +35,8 @@ from listserv.models import (
 )
 
 CHUNK = 2000
+#: batches inserted, with their deliveries, per statement pair (at most 20 x 500 rows)
+BATCH_SLICE = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,27 +175,29 @@ def enqueue(
             group = by_domain[domain]
             for start in range(0, len(group), max_per_batch):
                 plan.append((domain, group[start : start + max_per_batch]))
-    batch_ids: list[int] = []
-    for start in range(0, len(plan), CHUNK):
+    # Batches, then their deliveries, a slice at a time: the rows of a million
+    # recipients built at once took 250 MB of the daemon's 396 MB peak.
+    pending = RecipientState.PENDING.value
+    conn = session.connection()
+    for start in range(0, len(plan), BATCH_SLICE):
+        part = plan[start : start + BATCH_SLICE]
         rows = [
             {"post_id": post.id, "domain": d, "state": BatchState.PENDING, "next_attempt_at": now}
-            for d, _ in plan[start : start + CHUNK]
+            for d, _ in part
         ]
         ids = session.scalars(
             sa.insert(DeliveryBatch).returning(DeliveryBatch.id, sort_by_parameter_order=True),
             rows,
+        ).all()
+        # A plain executemany: per-row ORM and type processing would cost more than it.
+        conn.execute(
+            _INSERT_DELIVERY,
+            [
+                {"b": batch_id, "p": post.id, "a": a, "s": pending}
+                for batch_id, (_, group) in zip(ids, part, strict=True)
+                for a in group
+            ],
         )
-        batch_ids.extend(ids)
-    pending = RecipientState.PENDING.value
-    deliveries = [
-        {"b": batch_id, "p": post.id, "a": a, "s": pending}
-        for batch_id, (_, group) in zip(batch_ids, plan, strict=True)
-        for a in group
-    ]
-    # A plain executemany: per-row ORM and type processing would cost more than the insert.
-    conn = session.connection()
-    for start in range(0, len(deliveries), CHUNK * 5):
-        conn.execute(_INSERT_DELIVERY, deliveries[start : start + CHUNK * 5])
     return len(plan)
 
 
