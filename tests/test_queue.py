@@ -29,9 +29,11 @@ from listserv.models import (
     DeliveryMode,
     InboundMessage,
     MailingList,
+    Member,
     Post,
     PostState,
     RecipientState,
+    Role,
 )
 
 POLICY = config.DeliverySettings(retry_initial=60, retry_factor=2, retry_give_up_after=3600)
@@ -427,3 +429,15 @@ def test_mixed_domain_batches_are_filled_across_domains_in_domain_order(db: Data
     second = [a for b, a in rows if b != rows[0][0]]
     assert [a.split("@")[1] for a in first] == ["d0.example"] * 3 + ["d1.example"]
     assert [a.split("@")[1] for a in second] == ["d1.example", "d2.example", "d2.example"]
+
+
+def test_the_recipient_stream_is_in_domain_order_with_each_address_once(db: Database) -> None:
+    address = make_list(db)
+    with db.session() as s:
+        mlist = lists.get(s, address)
+        members.add(s, mlist, ["b@z.example", "a@y.example", "c@z.example", "b@y.example"])
+        # a case variant stored behind the CLI's back must still go out once
+        s.add(Member(list_id=mlist.id, address="B@z.example", role=Role.MEMBER))
+    with db.reading() as s:
+        got = list(posts.recipient_stream(s, lists.get(s, address).id))
+    assert [a.lower() for a in got] == ["a@y.example", "b@y.example", "b@z.example", "c@z.example"]

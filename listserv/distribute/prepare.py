@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -342,13 +342,16 @@ def queue_post(db: Database, settings: Settings, post_id: int) -> int | None:
         locked = posts.lock_accepted_post(session, post_id)
         if locked is None:
             return None
+        rcpts: Iterable[str]
         if audience is Audience.NOTICE:
             rcpts = list(dict.fromkeys(locked.notice_to or []))
-        else:
+        elif audience is Audience.OWNERS:
             rcpts = posts.recipients(session, locked.list_id, audience)
-        if audience is Audience.MEMBERS and locked.inbound_id is not None:
-            # one message sent to several lists reaches each address once
-            rcpts = posts.not_yet_sent_with(session, locked, rcpts)
+        else:  # members: streamed from the database in domain order, never all in memory
+            rcpts = posts.recipient_stream(session, locked.list_id)
+            if locked.inbound_id is not None:
+                # one message sent to several lists reaches each address once
+                rcpts = posts.not_yet_sent_with(session, locked, rcpts)
         batches = posts.enqueue(
             session,
             locked,
@@ -360,13 +363,14 @@ def queue_post(db: Database, settings: Settings, post_id: int) -> int | None:
             max_per_batch=settings.delivery.max_recipients_per_message,
             mix_domains=settings.delivery.mix_domains,
         )
-    if audience is Audience.OWNERS and not rcpts:
+        count = locked.recipient_count
+    if audience is Audience.OWNERS and not count:
         log.warning("post %d: %s has no owners to forward to (kept)", post_id, view.address())
     log.info(
         "post %d to %s: queued %d recipients in %d batches (%s)",
         post_id,
         view.address(),
-        len(rcpts),
+        count,
         batches,
         mode.value,
     )
