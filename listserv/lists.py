@@ -338,6 +338,8 @@ def in_flight(session: Session, mlist: MailingList) -> list[PendingPost]:
             .group_by(Delivery.post_id)
         )
     }
+    from listserv import members  # members imports this module (audit)
+
     would_get: dict[Any, int] = {}
     pending: list[PendingPost] = []
     for post_id, state, audience, notice_to in posts:
@@ -347,7 +349,11 @@ def in_flight(session: Session, mlist: MailingList) -> list[PendingPost]:
             count = len(notice_to or [])
         else:
             if audience not in would_get:
-                would_get[audience] = len(queued.recipients(session, mlist.id, audience))
+                would_get[audience] = (
+                    len(queued.recipients(session, mlist.id, audience))
+                    if audience is Audience.OWNERS
+                    else members.recipient_count(session, [mlist.id])
+                )
             count = would_get[audience]
         pending.append(PendingPost(post_id, state, count))
     return pending

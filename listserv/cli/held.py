@@ -10,8 +10,8 @@ from __future__ import annotations
 import click
 
 from listserv import mail
+from listserv import members as roster
 from listserv.cli.app import FORMATS, App, echo_json, echo_table, pass_app
-from listserv.distribute import posts as queued
 from listserv.models import MailingList, utcnow
 from listserv.moderation import holds, verdicts
 from listserv.moderation.verdicts import Verb, Verdict
@@ -81,7 +81,7 @@ def show(app: App, post_id: int, lines: int) -> None:
         post = holds.get_held(session, post_id)
         mlist = session.get_one(MailingList, post.list_id)
         raw = holds.raw_of(session, post)
-        recipients = len(queued.recipients(session, mlist.id))
+        recipients = roster.recipient_count(session, [mlist.id])
         expiry = holds.expires_at(post, mlist)
     msg = mail.parse(raw)
     waited = holds.age(utcnow() - post.created_at)

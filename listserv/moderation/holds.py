@@ -20,9 +20,8 @@ from email.parser import BytesHeaderParser
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from listserv import addresses, lists, mail, notices, tokens
+from listserv import addresses, lists, mail, members, notices, tokens
 from listserv.addresses import Kind
-from listserv.distribute import posts as queued
 from listserv.errors import InvalidAddress, InvalidInput, NotFound
 from listserv.models import (
     Audience,
@@ -550,7 +549,7 @@ def _values(session: Session, mlist: MailingList, post: Post, raw: bytes) -> dic
         "subject": _one_line(post.subject) or "(no subject)",
         "reason": _one_line(post.reason) or "(none given)",
         "size": _size(len(raw)),
-        "recipients": len(queued.recipients(session, mlist.id)),
+        "recipients": members.recipient_count(session, [mlist.id]),
         "time_format": TIME_FORMAT,
     }
 

@@ -22,7 +22,6 @@ from listserv.db import Database
 from listserv.pipeline.auth import Authenticator
 from listserv.replies import Reply
 from listserv.smtp_in import intake
-from listserv.smtp_in.commit import Committer
 
 log = logging.getLogger("listserv.smtp")
 
@@ -41,15 +40,14 @@ class InboundHandler:
         on_accepted: Callable[[], None] = lambda: None,
         policy: PolicySettings | None = None,
         authenticator: Authenticator | None = None,
-        committer: Committer | None = None,
     ) -> None:
         self.db = db
         self.on_accepted = on_accepted
         self.policy = policy or PolicySettings()
         self.authenticator = authenticator
-        self.committer = committer
-        # Sessions decide and store in threads of their own: the loop's default pool
-        # (6 threads on 2 cores) would let only 6 share a group commit (commit.py).
+        # Sessions decide and store in threads of their own: a session waiting on DNS
+        # (sender authentication) must not take the loop's default pool (6 threads on
+        # 2 cores) from the dispatcher's and the scheduler's database round trips.
         self._executor = ThreadPoolExecutor(INTAKE_THREADS, thread_name_prefix="intake")
 
     async def _in_thread(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
@@ -123,7 +121,6 @@ class InboundHandler:
                 request,
                 policy=self.policy,
                 authenticator=self.authenticator,
-                committer=self.committer,
             )
         except Exception:
             # Nothing was committed: the client keeps the message and tries again.

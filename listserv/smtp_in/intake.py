@@ -39,7 +39,6 @@ from listserv.pipeline.context import SEVERITY, PostContext, Standing
 from listserv.pipeline.decide import decide
 from listserv.pipeline.decision import Action, Decision
 from listserv.replies import Reply
-from listserv.smtp_in.commit import Committer, DirectCommit
 
 log = logging.getLogger("listserv.intake")
 
@@ -91,7 +90,6 @@ def receive(
     policy: PolicySettings | None = None,
     now: datetime | None = None,
     authenticator: Authenticator | None = None,
-    committer: Committer | None = None,
 ) -> Outcome:
     """Decide, store and answer one transaction; `policy` is the site's [policy]
     section, `now` when it was received (tests pass one), `authenticator` checks
@@ -109,7 +107,6 @@ def receive(
             policy or PolicySettings(),
             now or datetime.now(UTC),
             authenticator,
-            committer or DirectCommit(db),
         )
     except NotFound as exc:  # a list deleted between RCPT and DATA
         return Outcome(replies.NO_SUCH_LIST.with_text(str(exc)))
@@ -140,7 +137,6 @@ def _receive(
     policy: PolicySettings,
     now: datetime,
     authenticator: Authenticator | None,
-    committer: Committer,
 ) -> Outcome:
     msg = mail.parse(envelope.content)
     decisions: list[tuple[MailingList, PostContext, Decision]] = []
@@ -187,9 +183,8 @@ def _receive(
         _audit_refusal(db, mlist, ctx, decision, envelope)
         return Outcome(decision.reply or replies.NOT_ALLOWED)
 
-    return committer.run(
-        lambda session: _store(session, envelope, targets, decisions, msg), label=envelope.peer
-    )
+    with db.session() as session:  # durable: committed before the 250
+        return _store(session, envelope, targets, decisions, msg)
 
 
 def _store(

@@ -30,7 +30,6 @@ from listserv.config import PolicySettings, ServerSettings
 from listserv.db import Database
 from listserv.pipeline.auth import Authenticator
 from listserv.replies import Reply
-from listserv.smtp_in.commit import Committer
 from listserv.smtp_in.handler import InboundHandler
 
 log = logging.getLogger("listserv.smtp")
@@ -63,7 +62,6 @@ class InboundServer:
         on_accepted: Callable[[], None] = lambda: None,
         policy: PolicySettings | None = None,
         authenticator: Authenticator | None = None,
-        committer: Committer | None = None,
     ) -> InboundServer:
         """Listen on settings.host:port (port 0: any free port, see `port`)."""
         inbound = cls(
@@ -72,7 +70,6 @@ class InboundServer:
                 on_accepted=on_accepted,
                 policy=policy,
                 authenticator=authenticator,
-                committer=committer,
             ),
             settings,
         )
