@@ -132,7 +132,7 @@ def reject(app: App, post_id: int, reason: str) -> None:
 @click.argument("post_id", metavar="ID", type=int)
 @pass_app
 def discard(app: App, post_id: int) -> None:
-    """Discard a held post without telling its sender (for spam)."""
+    """Discard a held post: nobody on the list gets it; its sender is told it was not sent."""
     _decide(app, post_id, Verdict(Verb.DISCARD))
 
 
