@@ -19,7 +19,15 @@ from sqlalchemy.orm import Session
 from listserv import addresses
 from listserv.errors import InvalidAddress, InvalidInput, NotFound
 from listserv.lists import audit
-from listserv.models import DeliveryStatus, MailingList, Member, ModerationAction, Role
+from listserv.models import (
+    DeliveryStatus,
+    MailingList,
+    Member,
+    ModerationAction,
+    Role,
+    Unsubscription,
+    utcnow,
+)
 
 CSV_FIELDS = ("address", "name", "role")
 #: roles whose posts an own moderation action can steer (owners and moderators are trusted)
@@ -57,8 +65,12 @@ def add(
     moderation: ModerationAction | None = None,
     emergency: bool = False,
     actor: str = "cli",
+    source: str = "manual",
 ) -> tuple[list[str], list[str]]:
     """Add members; returns (added, already present). Every address is validated first.
+
+    `source` says where the rows came from (models.Member.source): a sync removes
+    only rows it added itself.
 
     Addresses already present keep their flags: `set_flags` changes those.
     """
@@ -84,6 +96,7 @@ def add(
                     "display_name": name,
                     "moderation_action": moderation,
                     "emergency": emergency,
+                    "source": source,
                 }
                 for a in added
             ],
@@ -346,3 +359,50 @@ def export(members: Sequence[Member], fmt: str) -> str:
     for m in members:
         writer.writerow((m.address, m.display_name, m.role.value))
     return out.getvalue()
+
+
+def unsubscribe(
+    session: Session, mlist: MailingList, address: str, *, via: str, actor: str = ""
+) -> bool:
+    """`address` leaves `mlist` (its member row goes; owner, moderator and sender rows
+    stay), and the leaving is recorded so that no sync adds it back. Returns whether
+    it was a member; recording happens either way (idempotent: one row per address).
+    """
+    addr = addresses.normalize(address).lower()
+    result = session.execute(
+        sa.delete(Member).where(
+            Member.list_id == mlist.id,
+            sa.func.lower(Member.address) == addr,
+            Member.role == Role.MEMBER,
+        )
+    )
+    was_member = bool(result.rowcount)  # type: ignore[attr-defined]
+    record = session.scalar(
+        sa.select(Unsubscription).where(
+            Unsubscription.list_id == mlist.id, Unsubscription.address == addr
+        )
+    )
+    if record is None:
+        session.add(Unsubscription(list_id=mlist.id, address=addr, via=via, actor=actor or addr))
+    elif was_member:  # left again after coming back: the latest leaving counts
+        record.via, record.actor, record.at = via, actor or addr, utcnow()
+    if was_member:
+        audit(session, actor or addr, "members.unsubscribe", mlist.address, f"{addr} via {via}")
+    return was_member
+
+
+def unsubscribed(session: Session, mlist: MailingList) -> set[str]:
+    """The (lower-case) addresses that left `mlist` and must not be synced back."""
+    return set(
+        session.scalars(sa.select(Unsubscription.address).where(Unsubscription.list_id == mlist.id))
+    )
+
+
+def forget_unsubscription(session: Session, mlist: MailingList, address: str) -> None:
+    """The person subscribed again themselves (confirmed): the old leaving is void."""
+    session.execute(
+        sa.delete(Unsubscription).where(
+            Unsubscription.list_id == mlist.id,
+            Unsubscription.address == addresses.normalize(address).lower(),
+        )
+    )

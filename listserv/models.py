@@ -116,6 +116,21 @@ class LinkPolicy(enum.StrEnum):
 
 class TokenKind(enum.StrEnum):
     MODERATION = "moderation"  # decides a held post by reply to NAME-confirm+TOKEN@
+    SUBSCRIBE = "subscribe"  # confirms a subscription request (double opt-in)
+    UNSUBSCRIBE = "unsubscribe"  # confirms an unsubscription asked for by e-mail
+    APPROVAL = "approval"  # an owner approves a confirmed subscription (policy approve)
+    REENABLE = "reenable"  # a member disabled for bounces turns delivery back on
+
+
+class SubscriptionPolicy(enum.StrEnum):
+    OPEN = "open"  # anyone, after confirming by reply (double opt-in)
+    APPROVE = "approve"  # confirmed, then approved by an owner
+    CLOSED = "closed"  # no self-subscription: the CLI and sync only
+
+
+class BounceKind(enum.StrEnum):
+    PERMANENT = "permanent"
+    TEMPORARY = "temporary"
 
 
 class BatchState(enum.StrEnum):
@@ -171,6 +186,8 @@ class Base(DeclarativeBase):
         ContentFilter: _enum(ContentFilter),
         LinkPolicy: _enum(LinkPolicy),
         TokenKind: _enum(TokenKind),
+        SubscriptionPolicy: _enum(SubscriptionPolicy),
+        BounceKind: _enum(BounceKind),
         BatchState: _enum(BatchState),
         RecipientState: _enum(RecipientState),
     }
@@ -210,6 +227,14 @@ class MailingList(Base):
     hold_expiry_days: Mapped[int] = mapped_column(default=14)
     #: personalized copies fill $name, $address, $unsubscribe_url (distribute.merge)
     merge_fields: Mapped[bool] = mapped_column(default=False)
+    # -- subscriptions (the subscriptions issue) --
+    subscription_policy: Mapped[SubscriptionPolicy] = mapped_column(
+        default=SubscriptionPolicy.OPEN, server_default=SubscriptionPolicy.OPEN.value
+    )
+    #: RFC 8058 List-Unsubscribe-Post on every copy (so one signed copy per recipient)
+    one_click_unsubscribe: Mapped[bool] = mapped_column(default=True, server_default=sa.true())
+    #: nobody may leave (crisis notices to all staff): no opt-out, no one-click header
+    mandatory: Mapped[bool] = mapped_column(default=False, server_default=sa.false())
     last_reminder_at: Mapped[datetime | None] = mapped_column(default=None)
     created_at: Mapped[CreatedAt]
 
@@ -241,6 +266,75 @@ class Member(Base):
     moderation_action: Mapped[ModerationAction | None] = mapped_column(default=None)
     #: a sender whose posts pass the approval threshold and blackouts
     emergency: Mapped[bool] = mapped_column(default=False)
+    #: where the row came from: "manual" (CLI), "import", "subscribe" (by e-mail),
+    #: "owner" (an owner's command) or "sync:NAME"; a sync removes only its own rows
+    source: Mapped[str] = mapped_column(sa.String(64), default="manual", server_default="manual")
+    # -- bounces (the bounces issue) --
+    bounce_score: Mapped[float] = mapped_column(sa.Float, default=0.0, server_default="0")
+    last_bounce_at: Mapped[datetime | None] = mapped_column(default=None)
+    #: "you are disabled" warnings sent since delivery was disabled for bounces
+    bounce_warnings_sent: Mapped[int] = mapped_column(default=0, server_default="0")
+    last_warning_at: Mapped[datetime | None] = mapped_column(default=None)
+    #: why delivery_status is disabled: "bounce", "owner", "member" ("" when enabled)
+    disabled_reason: Mapped[str] = mapped_column(sa.String(16), default="", server_default="")
+    created_at: Mapped[CreatedAt]
+
+
+class Unsubscription(Base):
+    """Someone left a list (any path): a later sync from an outside source must not
+    add them back. Subscribing again oneself (confirmed) removes the row."""
+
+    __tablename__ = "unsubscriptions"
+    __table_args__ = (sa.UniqueConstraint("list_id", "address"), NO_REUSE)
+
+    id: Mapped[IntPK]
+    list_id: Mapped[int] = mapped_column(sa.ForeignKey("mailing_lists.id", ondelete="CASCADE"))
+    address: Mapped[Address]  # normalized, lower case
+    #: "email" (confirmed command or -leave), "one-click", "owner", "cli", "bounce", "sync"
+    via: Mapped[str] = mapped_column(sa.String(16))
+    actor: Mapped[str] = mapped_column(sa.String(320), default="")
+    at: Mapped[CreatedAt]
+
+
+class BounceEvent(Base):
+    """One bounce attributed to one address of one list (scored in bounces/)."""
+
+    __tablename__ = "bounce_events"
+    __table_args__ = (
+        sa.Index("ix_bounce_events_member", "list_id", "address"),
+        sa.Index("ix_bounce_events_post", "post_id"),
+        NO_REUSE,
+    )
+
+    id: Mapped[IntPK]
+    list_id: Mapped[int] = mapped_column(sa.ForeignKey("mailing_lists.id", ondelete="CASCADE"))
+    address: Mapped[Address]  # normalized, lower case
+    #: the post that bounced, when known (VERP, or a DSN naming its Message-ID)
+    post_id: Mapped[int | None] = mapped_column(
+        sa.ForeignKey("posts.id", ondelete="SET NULL"), default=None
+    )
+    #: the stored bounce message, when it came by mail (None: an SMTP reply in delivery)
+    inbound_id: Mapped[int | None] = mapped_column(
+        sa.ForeignKey("inbound_messages.id", ondelete="SET NULL"), default=None
+    )
+    kind: Mapped[BounceKind]
+    #: "smtp" (our own delivery), "verp", "dsn", "heuristic"
+    source: Mapped[str] = mapped_column(sa.String(16))
+    status: Mapped[str] = mapped_column(sa.String(16), default="")  # 5.1.1, 550, ...
+    detail: Mapped[str] = mapped_column(sa.Text, default="")
+    at: Mapped[CreatedAt]
+
+
+class SiteSecret(Base):
+    """Secrets every process and host of one installation shares (sitesecret.py):
+    kept in the database so N hosts on one database agree without copying files."""
+
+    __tablename__ = "site_secrets"
+    __table_args__ = (sa.UniqueConstraint("name"), NO_REUSE)
+
+    id: Mapped[IntPK]
+    name: Mapped[str] = mapped_column(sa.String(64))
+    value: Mapped[bytes] = mapped_column(sa.LargeBinary)
     created_at: Mapped[CreatedAt]
 
 
