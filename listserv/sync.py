@@ -141,7 +141,10 @@ def read_sql(url: str, query: str) -> list[SourceRow]:
     that is rolled back, never committed. SyncError for a bad URL, a database that
     cannot be reached or a failing query; its password is never shown."""
     try:
-        engine = sa.create_engine(url)
+        target = sa.engine.make_url(url)
+        if target.drivername == "postgresql":  # as db.Database: psycopg 3 is what we ship
+            target = target.set(drivername="postgresql+psycopg")
+        engine = sa.create_engine(target)
     except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ValueError) as exc:
         raise SyncError(f"bad SQL URL {_hide(url)}: {_first_line(exc)}") from None
     except ImportError as exc:
