@@ -332,7 +332,9 @@ def _apply(
     ids = [member_id for member_id, _ in stale]
     for start in range(0, len(ids), CHUNK):
         session.execute(sa.delete(Member).where(Member.id.in_(ids[start : start + CHUNK])))
-    lists.audit(session, actor or source, "members.sync", mlist.address, report.summary())
+    lists.audit(
+        session, actor or source, "members.sync", mlist.address, f"{source}: {report.summary()}"
+    )
     return report
 
 

@@ -33,7 +33,7 @@ from listserv.config import DnsSettings, SyncSettings
 from listserv.db import Database
 from listserv.dns import Resolver
 from listserv.errors import ConfigError
-from listserv.models import DeliveryStatus, Member, Role
+from listserv.models import AuditEntry, DeliveryStatus, Member, Role
 
 LIST = "staff@lists.example.org"
 
@@ -489,6 +489,16 @@ def test_cli_sync_prints_the_diff_and_dry_run_changes_nothing(
         "added bob@example.org",
     ]
     assert roster(db)[("bob@example.org", Role.MEMBER)] == "sync:other"
+    with db.reading() as session:
+        entries = session.execute(
+            sa.select(AuditEntry.actor, AuditEntry.detail).where(
+                AuditEntry.action == "members.sync"
+            )
+        ).all()
+    assert [tuple(e) for e in entries] == [  # the dry run left no trace
+        ("cli", "sync:cli: added 1, removed 0, unchanged 0, invalid 0, skipped 0 (unsubscribed)"),
+        ("cli", "sync:other: added 1, removed 0, unchanged 0, invalid 1, skipped 0 (unsubscribed)"),
+    ]
 
 
 def test_cli_sync_from_sql(db: Database, cli_config: Path, tmp_path: Path) -> None:
@@ -610,3 +620,33 @@ def test_export_gives_role_status_source_and_date_and_imports_again(
     again = invoke(cli_config, "members", "export", "copy@lists.example.org").stdout
     copied = [(r["address"], r["name"], r["role"]) for r in csv.DictReader(io.StringIO(again))]
     assert copied == [(r["address"], r["name"], r["role"]) for r in rows]
+
+
+async def until(condition: Any, timeout: float = 20.0) -> None:
+    """Wait for a condition checked in a thread (it reads the database)."""
+    async with asyncio.timeout(timeout):
+        while not await asyncio.to_thread(condition):
+            await asyncio.sleep(0.02)
+
+
+async def test_the_schedule_runs_each_sync_again_after_its_interval(
+    db: Database, tmp_path: Path
+) -> None:
+    """A clock that jumps 10,000 s a reading: every sync (interval 3,600 s) is due at
+    each turn of the loop, without waiting for real time."""
+    make_list(db)
+    path = write_csv(tmp_path / "a.csv", "ann@example.org")
+    readings = iter(range(0, 10**9, 10000))
+    settings = dataclasses.replace(
+        config.from_dict({}), sync=(SyncSettings(name="hr", list=LIST, path=str(path)),)
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(sync.run(db, settings, stop=stop, clock=lambda: next(readings)))
+    try:
+        await until(lambda: member_addresses(db) == {"ann@example.org"})
+        write_csv(path, "bob@example.org")
+        await until(lambda: member_addresses(db) == {"bob@example.org"})
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    assert await sync.run(db, config.from_dict({}), stop=asyncio.Event()) is None  # no entries

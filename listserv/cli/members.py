@@ -321,7 +321,9 @@ def sync_(
     sync.source_name(name)  # a bad name fails before the source is read
     rows = sync.read_csv(path) if path is not None else sync.read_sql(url or "", query or "")
     domains = sync.MailDomains(Resolver.from_settings(app.settings.dns)) if check_mx else None
-    report = sync.sync(app.db, address, rows, name=name, domains=domains, dry_run=dry_run)
+    report = sync.sync(
+        app.db, address, rows, name=name, domains=domains, dry_run=dry_run, actor="cli"
+    )
     click.echo(report.summary() + (" (dry run: nothing changed)" if dry_run else ""))
     for added in report.added:
         click.echo(f"{'would add' if dry_run else 'added'} {added}")
