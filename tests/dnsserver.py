@@ -131,7 +131,7 @@ class DnsServer:
             response.answer.append(dns.rrset.from_rdata_list(question.name, self.ttl, addrs6))
         elif question.rdtype == dns.rdatatype.MX and name in mx:
             hosts = [
-                MX(dns.rdataclass.IN, dns.rdatatype.MX, pref, dns.name.from_text(host))
+                MX(dns.rdataclass.IN, dns.rdatatype.MX, pref, dns.name.from_text(host))  # type: ignore[no-untyped-call]
                 for pref, host in mx[name]
             ]
             response.answer.append(dns.rrset.from_rdata_list(question.name, self.ttl, hosts))
