@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import tomllib
 import types
 import typing
@@ -198,6 +199,30 @@ class ThrottleSettings:
     domains: typing.Mapping[str, DomainLimit] = field(default_factory=dict)
 
 
+#: a sync's name: it marks its members (source "sync:NAME", 64 characters at most)
+SYNC_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{0,57}[a-z0-9])?$")
+
+
+SYNC_KEYS = ("name", "list", "from", "from_sql", "query", "interval", "check_mx")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SyncSettings:
+    """One ``[[sync]]`` entry: a list's members kept in step with a CSV file or an SQL
+    query, every `interval` seconds, by the daemon (listserv/sync.py)."""
+
+    name: str
+    list: str
+    #: a CSV file with an address column (TOML key "from")
+    path: str = ""
+    #: a SQLAlchemy URL and a query returning address[, name]
+    from_sql: str = ""
+    query: str = ""
+    interval: float = 3600.0
+    #: refuse new addresses whose domain does not accept mail (MX, else A/AAAA)
+    check_mx: bool = False
+
+
 @dataclass(frozen=True, kw_only=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
@@ -210,6 +235,8 @@ class Settings:
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     policy: PolicySettings = field(default_factory=PolicySettings)
     throttle: ThrottleSettings = field(default_factory=ThrottleSettings)
+    #: [[sync]] entries, in file order
+    sync: tuple[SyncSettings, ...] = ()
     source: str = "(defaults)"
 
     @property
@@ -220,7 +247,7 @@ class Settings:
 _SECTIONS: dict[str, type[Any]] = {
     f.name: typing.get_type_hints(Settings)[f.name]
     for f in dataclasses.fields(Settings)
-    if f.name != "source"
+    if f.name not in ("source", "sync")
 }
 
 
@@ -252,6 +279,8 @@ def from_dict(
     env = {} if env is None else env
     sections: dict[str, Any] = {}
     for name in data:
+        if name == "sync":
+            continue
         if name not in _SECTIONS:
             raise ConfigError(f"{source}: unknown section [{name}]")
         if not isinstance(data[name], dict):
@@ -273,7 +302,8 @@ def from_dict(
             if key in values:
                 values[key] = _check(values[key], hint, f"{source}: [{name}] {key}")
         sections[name] = cls(**values)
-    settings = Settings(**sections, source=source)
+    syncs = _syncs(data.get("sync", []), env, source)
+    settings = Settings(**sections, sync=syncs, source=source)
     _validate(settings)
     return settings
 
@@ -305,6 +335,45 @@ def _domain_limits(value: Any, where: str) -> dict[str, DomainLimit]:
             raise ConfigError(f"{here}: rate and concurrency must not be negative (0: no limit)")
         limits[key] = limit
     return limits
+
+
+def _syncs(value: Any, env: typing.Mapping[str, str], source: str) -> tuple[SyncSettings, ...]:
+    """``[[sync]]`` entries. ``LISTSERV_SYNC_<NAME>_FROM_SQL`` (NAME upper-cased, other
+    characters as "_") replaces an entry's from_sql, so a database password can stay
+    out of the file."""
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise ConfigError(f"{source}: sync must be [[sync]] tables (an array of tables)")
+    hints = typing.get_type_hints(SyncSettings)
+    entries: list[SyncSettings] = []
+    for number, table in enumerate(value, 1):
+        where = f"{source}: [[sync]] #{number}"
+        for key in table:
+            if key not in SYNC_KEYS:
+                raise ConfigError(f"{where}: unknown key '{key}' ({', '.join(SYNC_KEYS)})")
+        values = {("path" if k == "from" else k): v for k, v in table.items()}
+        for key in ("name", "list"):
+            if key not in values:
+                raise ConfigError(f"{where}: '{key}' is required")
+        values = {k: _check(v, hints[k], f"{where} {k}") for k, v in values.items()}
+        entry = SyncSettings(**values)
+        where = f"{source}: [[sync]] {entry.name!r}"
+        if not SYNC_NAME.match(entry.name):
+            raise ConfigError(
+                f"{where}: name: lower-case letters, digits, '.', '-' and '_', at most 59"
+            )
+        env_name = "LISTSERV_SYNC_" + re.sub(r"[^A-Z0-9]", "_", entry.name.upper()) + "_FROM_SQL"
+        if env_name in env:
+            entry = dataclasses.replace(entry, from_sql=env[env_name])
+        if bool(entry.path) == bool(entry.from_sql):
+            raise ConfigError(f"{where}: give either 'from' (a CSV file) or 'from_sql'")
+        if bool(entry.from_sql) != bool(entry.query):
+            raise ConfigError(f"{where}: 'from_sql' and 'query' go together")
+        if entry.interval <= 0:
+            raise ConfigError(f"{where}: interval: must be greater than 0 (seconds)")
+        if any(e.name == entry.name for e in entries):
+            raise ConfigError(f"{where}: the name is used twice (it marks the members it adds)")
+        entries.append(entry)
+    return tuple(entries)
 
 
 def _from_env(raw: str, hint: Any, env_name: str) -> Any:

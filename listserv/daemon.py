@@ -18,7 +18,7 @@ from typing import Literal
 
 from aiohttp import web
 
-from listserv import http
+from listserv import http, sync
 from listserv.config import Settings
 from listserv.db import Database
 from listserv.distribute import scheduler
@@ -136,6 +136,7 @@ class Daemon:
                         authenticator=authenticator,
                     )
                 )
+                group.create_task(sync.run(self.db, s, stop=self._stop))  # [[sync]] entries
                 self.ready.set()
                 await self._stop.wait()
                 log.info("shutting down: no new mail accepted, finishing what is in hand")

@@ -21,6 +21,7 @@ import dns.name
 import dns.nameserver
 import dns.rdatatype
 import dns.resolver
+from dns.rdtypes.ANY.MX import MX
 from dns.rdtypes.ANY.TXT import TXT
 
 from listserv.config import DnsSettings, parse_nameserver
@@ -33,7 +34,7 @@ class DnsError(Exception):
 
 
 class Resolver:
-    """Thread-safe TXT (and A) look-ups with a TTL-respecting cache; see the module docstring."""
+    """Thread-safe TXT, A, AAAA and MX look-ups with a TTL cache; see the module docstring."""
 
     def __init__(self, settings: DnsSettings) -> None:
         self.timeout = settings.timeout
@@ -75,6 +76,21 @@ class Resolver:
         answer = self._resolve(name, dns.rdatatype.A)
         return None if answer is None else [rdata.to_text() for rdata in answer]
 
+    def aaaa(self, name: str) -> list[str] | None:
+        """The IPv6 addresses of `name`; None when there are none; DnsError when DNS failed."""
+        answer = self._resolve(name, dns.rdatatype.AAAA)
+        return None if answer is None else [rdata.to_text() for rdata in answer]
+
+    def mx(self, name: str) -> list[tuple[int, str]] | None:
+        """(preference, exchange) of each MX record at `name`, the root as "." (a null
+        MX, RFC 7505); None when there are none; DnsError when DNS failed."""
+        answer = self._resolve(name, dns.rdatatype.MX)
+        if answer is None:
+            return None
+        return [
+            (rdata.preference, _host(rdata.exchange)) for rdata in answer if isinstance(rdata, MX)
+        ]
+
     def _resolve(self, name: str, rdtype: dns.rdatatype.RdataType) -> dns.resolver.Answer | None:
         if self._resolver is None:
             raise DnsError(self._problem)
@@ -92,6 +108,10 @@ class Resolver:
             raise DnsError(f"{name}: no server answered ({_first_line(exc)})") from exc
         except dns.exception.DNSException as exc:
             raise DnsError(f"{name}: {_first_line(exc)}") from exc
+
+
+def _host(name: dns.name.Name) -> str:
+    return "." if name == dns.name.root else name.to_text(omit_final_dot=True)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -11,6 +11,7 @@ import io
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC
 from typing import Literal
 
 import sqlalchemy as sa
@@ -30,6 +31,9 @@ from listserv.models import (
 )
 
 CSV_FIELDS = ("address", "name", "role")
+#: what `export` adds after CSV_FIELDS; `import_csv` reads past them, so an export
+#: imports again (as new rows: status, source and date are the new list's own)
+EXPORT_FIELDS = (*CSV_FIELDS, "status", "reason", "source", "subscribed")
 #: roles whose posts an own moderation action can steer (owners and moderators are trusted)
 MODERATED_ROLES = (Role.MEMBER, Role.SENDER)
 
@@ -292,12 +296,12 @@ def import_csv(
         raise InvalidInput(
             f"line 1: the header must name an 'address' column, got {','.join(header)!r}"
         )
-    unknown = [h for h in header if h not in CSV_FIELDS]
+    unknown = [h for h in header if h not in EXPORT_FIELDS]
     if unknown:
         raise InvalidInput(
             f"line 1: unknown column(s) {', '.join(unknown)}; expected address,name,role"
         )
-    index = {h: i for i, h in enumerate(header)}
+    index = {h: i for i, h in enumerate(header) if h in CSV_FIELDS}
     report = ImportReport()
     existing = _existing(session, mlist)
     rows: list[dict[str, object]] = []
@@ -342,23 +346,49 @@ def import_csv(
 
 
 def export(members: Sequence[Member], fmt: str) -> str:
+    """CSV (EXPORT_FIELDS; `import_csv` takes it back) or JSON: each row's role, delivery
+    status with the reason it is disabled, source ("manual", "sync:NAME", ...) and
+    subscribe date (UTC, ISO 8601)."""
     if fmt == "json":
         return (
             json.dumps(
                 [
-                    {"address": m.address, "name": m.display_name, "role": m.role.value}
+                    {
+                        "address": m.address,
+                        "name": m.display_name,
+                        "role": m.role.value,
+                        "status": m.delivery_status.value,
+                        "disabled_reason": m.disabled_reason,
+                        "source": m.source,
+                        "subscribed": _when(m),
+                    }
                     for m in members
                 ],
                 indent=2,
+                ensure_ascii=False,
             )
             + "\n"
         )
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(CSV_FIELDS)
+    writer.writerow(EXPORT_FIELDS)
     for m in members:
-        writer.writerow((m.address, m.display_name, m.role.value))
+        writer.writerow(
+            (
+                m.address,
+                m.display_name,
+                m.role.value,
+                m.delivery_status.value,
+                m.disabled_reason,
+                m.source,
+                _when(m),
+            )
+        )
     return out.getvalue()
+
+
+def _when(m: Member) -> str:
+    return m.created_at.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def unsubscribe(

@@ -1,14 +1,17 @@
-"""`listserv members ...`: add, remove, list, import and export a list's addresses."""
+"""`listserv members ...`: add, remove, list, import, export and sync a list's addresses."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import BinaryIO, Literal
 
 import click
 
 from listserv import lists as store
 from listserv import members as roster
+from listserv import sync
 from listserv.cli.app import App, echo_table, pass_app
+from listserv.dns import Resolver
 from listserv.models import ModerationAction, Role
 
 ROLES = click.Choice([r.value for r in Role])
@@ -238,8 +241,11 @@ def import_(app: App, address: str, file: BinaryIO) -> None:
 def export(app: App, address: str, fmt: str) -> None:
     """Write a list's addresses as CSV or JSON.
 
-    Every role is included. The CSV (address,name,role) can be imported again,
-    into this list or another.
+    Every role is included, with its delivery status (enabled or disabled, and
+    why), where it came from (manual, import, subscribe, owner, sync:NAME) and
+    when it was added (UTC). The CSV
+    (address,name,role,status,reason,source,subscribed) can be imported again,
+    into this list or another: import reads address, name and role.
 
     \b
     Example:
@@ -248,6 +254,85 @@ def export(app: App, address: str, fmt: str) -> None:
     with app.db.reading() as session:
         rows = roster.roster(session, store.get(session, address))
     click.echo(roster.export(rows, fmt), nl=False)
+
+
+@members.command("sync")
+@click.argument("address", metavar="LIST")
+@click.option(
+    "--from",
+    "path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    metavar="FILE.csv",
+    help="A CSV file whose header names an 'address' (or 'email') column, and 'name'.",
+)
+@click.option("--from-sql", "url", default=None, metavar="URL", help="A SQLAlchemy URL.")
+@click.option(
+    "--query", default=None, metavar="SQL", help="With --from-sql: returns address[, name]."
+)
+@click.option(
+    "--source",
+    "name",
+    default="cli",
+    show_default=True,
+    metavar="NAME",
+    help="The sync's name: it adds members as sync:NAME and removes only those."
+    " Use a [[sync]] entry's name to run that sync by hand.",
+)
+@click.option(
+    "--check-mx",
+    is_flag=True,
+    help="Skip addresses whose domain does not accept mail (no MX, A or AAAA record, or a"
+    " null MX) as invalid; such members already there stay.",
+)
+@click.option("--dry-run", is_flag=True, help="Show what would change; change nothing.")
+@pass_app
+def sync_(
+    app: App,
+    address: str,
+    path: Path | None,
+    url: str | None,
+    query: str | None,
+    name: str,
+    check_mx: bool,
+    dry_run: bool,
+) -> None:
+    """Make a list's members match a CSV file or an SQL query.
+
+    Adds the source's addresses that are not members, and removes the members
+    this sync added earlier (source sync:NAME) that the source no longer lists.
+    Owners, moderators, senders and members added any other way (by hand,
+    import, subscription, another sync) are never removed; an address that
+    unsubscribed is never added back (shown as skipped). Invalid rows are shown
+    with their row number and skipped. Everything changes in one transaction,
+    or, if the source cannot be read to its end, nothing does.
+
+    \b
+    Example:
+      listserv members sync staff@lists.example.org --from staff.csv --dry-run
+      listserv members sync staff@lists.example.org --source hr \\
+        --from-sql postgresql+psycopg://reader@hr.example.org/hr \\
+        --query "SELECT email, full_name FROM staff WHERE active"
+    """
+    if (path is None) == (url is None):
+        raise click.UsageError("give either --from FILE.csv or --from-sql URL --query SQL")
+    if (url is None) != (query is None):
+        raise click.UsageError("--from-sql and --query go together")
+    sync.source_name(name)  # a bad name fails before the source is read
+    rows = sync.read_csv(path) if path is not None else sync.read_sql(url or "", query or "")
+    domains = sync.MailDomains(Resolver.from_settings(app.settings.dns)) if check_mx else None
+    report = sync.sync(
+        app.db, address, rows, name=name, domains=domains, dry_run=dry_run, actor="cli"
+    )
+    click.echo(report.summary() + (" (dry run: nothing changed)" if dry_run else ""))
+    for added in report.added:
+        click.echo(f"{'would add' if dry_run else 'added'} {added}")
+    for removed in report.removed:
+        click.echo(f"{'would remove' if dry_run else 'removed'} {removed}")
+    problems = [(row, f"invalid: {why}") for row, why in report.invalid]
+    problems += [(row, f"skipped: {a} unsubscribed") for row, a in report.unsubscribed]
+    for row, what in sorted(problems):
+        click.echo(f"row {row}: {what}")
 
 
 def _a(role: str) -> str:
