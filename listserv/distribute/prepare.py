@@ -342,7 +342,14 @@ def merged_template(raw: bytes, view: ListView, audience: Audience) -> bytes | N
         return None
     personal = dataclasses.replace(view, delivery_mode=DeliveryMode.PERSONALIZED)
     template = render(raw, personal, None)
-    return template if Personalizer(template, personal).merges else None
+    # $unsubscribe_url is a field when links can be made (the secret is not needed
+    # to tell; the senders make the real links)
+    links = (
+        unsubscribe_links.UnsubscribeLinks(view.unsubscribe_base, b"", view.id)
+        if view.unsubscribe_base and view.id
+        else None
+    )
+    return template if Personalizer(template, personal, unsubscribe=links).merges else None
 
 
 #: domains already warned about in this process: once each, not once per post
