@@ -121,12 +121,11 @@ def _plain(text: str, status: int) -> web.Response:
 
 
 def _error(exc: ListservError) -> web.Response:
-    """400 for what is not a token, 404 for a token that does not check."""
-    if isinstance(exc, unsubscribe_links.BadToken):
-        return _plain(str(exc), 400)
+    """404 for a token that does not check or a list that is gone; 400 for what is
+    not a token (or anything else we refuse), never a traceback."""
     if isinstance(exc, NotFound):
         return _plain(str(exc), 404)
-    raise exc
+    return _plain(str(exc), 400)
 
 
 def _name(link: Link) -> str:
