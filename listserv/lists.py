@@ -180,6 +180,11 @@ SETTINGS: dict[str, Setting] = {
     # $name, $address, $unsubscribe_url in a post's Subject and text filled per
     # recipient (distribute.merge); a post that uses one is sent personalized
     "merge_fields": Setting(_boolean, "true or false (yes/no, on/off, 1/0)", _yes_no),
+    # RFC 8058 one-click List-Unsubscribe on every copy, so one signed copy per
+    # recipient (unsubscribe_links.py); needs [http] public_base_url
+    "one_click_unsubscribe": Setting(_boolean, "true or false (yes/no, on/off, 1/0)", _yes_no),
+    # nobody may leave: no List-Unsubscribe, and the footer says why
+    "mandatory": Setting(_boolean, "true or false (yes/no, on/off, 1/0)", _yes_no),
 }
 LIMITS = {"subject_prefix": 100, "description": 255}
 ALIASES = {"policy": "posting_policy", "mode": "delivery_mode"}

@@ -17,7 +17,12 @@ and prints:
 
 It asserts nothing; it prints figures. Everything runs on 127.0.0.1.
 
-    python scripts/bench_fanout.py --members 10000 [--mode shared|personalized] [--workers K]
+    python scripts/bench_fanout.py --members 10000 [--mode shared|personalized|one-click]
+        [--workers K]
+
+--mode one-click sets `[http] public_base_url`, so the list (shared by its own
+setting) goes out one copy per recipient with its one-click List-Unsubscribe;
+shared and personalized leave it unset, so one-click is not in effect.
 
 With --workers K the daemon delivers in K processes (`serve --workers K`), the
 peak RSS is given per process, and the bare loop runs in K processes too, so
@@ -224,7 +229,7 @@ async def bare_loop(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--members", type=int, default=10000)
-    parser.add_argument("--mode", choices=("shared", "personalized"), default="shared")
+    parser.add_argument("--mode", choices=("shared", "personalized", "one-click"), default="shared")
     parser.add_argument("--domains", type=int, default=200, help="spread members over this many")
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument(
@@ -260,6 +265,8 @@ def main() -> None:
         db_url = scratch.url
     sink = SinkProcess(work, kind)
     config = work / "listserv.toml"
+    # one-click links need a public base URL; none: lists keep their own mode
+    public = 'public_base_url = "https://lists.example.org"\n' if args.mode == "one-click" else ""
     config.write_text(
         f'[server]\nhost = "127.0.0.1"\nport = {smtp_port}\nhostname = "lists.example.org"\n'
         f'[database]\nurl = "{db_url}"\n'
@@ -268,14 +275,15 @@ def main() -> None:
         "poll_interval = 0.5\n"
         f"mix_domains = {'true' if args.mix_domains else 'false'}\n"
         f'[dkim]\nkeys_dir = "{work}/dkim"\n'
-        "[http]\nenabled = false\n"
+        f"[http]\nenabled = false\n{public}"
         '[logging]\nlevel = "WARNING"\n'
     )
     env = dict(os.environ, LISTSERV_CONFIG=str(config))
     daemon: subprocess.Popen[bytes] | None = None
     try:
         run([*LISTSERV, "init"], env)
-        run([*LISTSERV, "lists", "create", LIST, "--policy", "announce", "--mode", args.mode], env)
+        mode = "shared" if args.mode == "one-click" else args.mode
+        run([*LISTSERV, "lists", "create", LIST, "--policy", "announce", "--mode", mode], env)
         run([*LISTSERV, "members", "add", LIST, SENDER, "--role", "sender"], env)
         if args.dkim:
             run([*LISTSERV, "dkim", "keygen", "lists.example.org", "--selector", "bench"], env)
@@ -345,7 +353,7 @@ def main() -> None:
     print(f"250 -> last rcpt:   {elapsed:.2f} s")
     print(f"throughput:         {args.members / elapsed:,.0f} recipients/s")
     print(f"daemon peak RSS:    {', '.join(f'{r:.1f}' for r in rss)} MiB (per process)")
-    if args.mode == "personalized":
+    if args.mode != "shared":
         signed = "signed " if args.dkim else ""
         print(f"messages:           {args.members / elapsed:,.0f} {signed}messages/s")
     if not args.no_baseline:
@@ -358,7 +366,7 @@ def main() -> None:
             f"{procs} process(es) x {args.connections} connections, 500 per transaction);"
             f" listserv reaches {seconds / elapsed:.2f} x of it"
         )
-        if args.mode == "personalized":
+        if args.mode != "shared":
             base_sink = SinkProcess(work, kind)
             seconds = bare_loops(base_sink.port, rcpts, message, args.connections, procs, 1)
             base_sink.finish()

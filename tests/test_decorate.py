@@ -73,8 +73,8 @@ def test_list_headers_are_present_once_with_exact_values() -> None:
         "List-Post": "<mailto:staff@lists.example.edu>",
         "List-Help": "<mailto:staff-request@lists.example.edu?subject=help>",
         "List-Unsubscribe": (
-            "<mailto:staff-leave@lists.example.edu?subject=unsubscribe>, "
-            "<https://lists.example.edu/u/3f2a9c>"
+            "<https://lists.example.edu/u/3f2a9c>, "
+            "<mailto:staff-leave@lists.example.edu?subject=unsubscribe>"
         ),
         "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
         "List-Owner": "<mailto:staff-owner@lists.example.edu>",
@@ -95,7 +95,7 @@ def test_list_header_uris_are_emitted_verbatim_not_encoded() -> None:
     data = to_bytes(msg)
     assert b"List-Post: <mailto:staff@lists.example.edu>\r\n" in data
     assert b"List-Id: <staff.lists.example.edu>\r\n" in data
-    assert f" <{long_url}>\r\n".encode() in data
+    assert f"\r\nList-Unsubscribe: <{long_url}>,\r\n <mailto:".encode() in data
     assert b"=?" not in data
     assert all(len(line) <= 998 for line in data.split(b"\r\n"))
 

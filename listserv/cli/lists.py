@@ -8,6 +8,7 @@ import click
 
 from listserv import lists as store
 from listserv import members as roster
+from listserv import unsubscribe_links
 from listserv.cli.app import FORMATS, App, echo_json, echo_table, pass_app
 from listserv.models import DeliveryMode, PostingPolicy, Role
 
@@ -89,12 +90,18 @@ def list_(app: App, fmt: str) -> None:
 @click.argument("address", metavar="NAME@DOMAIN")
 @pass_app
 def show(app: App, address: str) -> None:
-    """Every setting of a list, and how many addresses hold each role."""
+    """Every setting of a list, and how many addresses hold each role.
+
+    effective_delivery_mode is how posts to the members go out, and why: a list
+    with one-click unsubscribe in effect is sent one signed copy per recipient.
+    """
     with app.db.reading() as session:
         mlist = store.get(session, address)
         settings = store.settings_of(mlist)
         counts = roster.count_by_role(session, mlist)
+        mode, why = unsubscribe_links.effective_mode(mlist, app.settings.http.public_base_url)
     rows: list[tuple[str, object]] = [(f"{k}:", v) for k, v in settings.items()]
+    rows.append(("effective_delivery_mode:", f"{mode.value} ({why})"))
     rows += [(f"{role.value}s:", counts.get(role, 0)) for role in Role]
     echo_table(rows)
 
@@ -127,6 +134,9 @@ def set_(app: App, address: str, key: str, value: str) -> None:
       hold_expiry_days          1 to 3650
       merge_fields              true/false: $name, $address, $unsubscribe_url
                                 filled per recipient (the post goes out personalized)
+      one_click_unsubscribe     true/false: RFC 8058 one-click List-Unsubscribe
+                                (needs [http] public_base_url; one copy per recipient)
+      mandatory                 true/false: nobody may leave; no List-Unsubscribe
     Booleans take true/false, yes/no, on/off, 1/0.
 
     \b

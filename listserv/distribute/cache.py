@@ -18,6 +18,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from listserv import sitesecret, unsubscribe_links
 from listserv.db import Database
 from listserv.distribute import dkim, posts, prepare
 from listserv.distribute.batches import ClaimedBatch
@@ -81,10 +82,19 @@ class PreparedCache:
                     return None
                 view = prepare.ListView.of(mlist)
             names = display_names(session, queued.list_id) if view.merge_fields else {}
+            secret = unsubscribe_links.stored_secret(session) if view.unsubscribe_base else None
+        if secret is None and view.one_click:  # queue_post made it; made here all the same
+            with self.db.session() as session:
+                secret = sitesecret.get(session, sitesecret.UNSUBSCRIBE)
+        links = (
+            unsubscribe_links.UnsubscribeLinks(view.unsubscribe_base, secret, view.id)
+            if secret is not None and view.id
+            else None
+        )
         view = dataclasses.replace(view, delivery_mode=DeliveryMode.PERSONALIZED)
         return Prepared(
             queued.prepared,
-            prepare.Personalizer(queued.prepared, view, names),
+            prepare.Personalizer(queued.prepared, view, names, links),
             prepare.signer_for(self.keys_dir, view.domain),
         )
 

@@ -65,6 +65,9 @@ class ListHeaders:
     unsubscribe_mailto: str
     unsubscribe_url: str | None
     owner: str
+    #: False for a mandatory list: no List-Unsubscribe at all (nobody may leave,
+    #: so a header offering it would only lead to a refusal)
+    opt_out: bool = True
 
     def __post_init__(self) -> None:
         # A CR/LF here would let a configuration value inject headers into every post.
@@ -88,11 +91,13 @@ def add_list_headers(msg: EmailMessage, headers: ListHeaders) -> None:
     msg.set_raw("List-Post", f"<mailto:{headers.post}>")
     msg.set_raw("List-Help", f"<mailto:{headers.help}?subject=help>")
     mailto = f"<mailto:{headers.unsubscribe_mailto}?subject=unsubscribe>"
-    if headers.unsubscribe_url is None:
+    if headers.opt_out and headers.unsubscribe_url is None:
         msg.set_raw("List-Unsubscribe", mailto)
-    else:
+    elif headers.opt_out:
         # RFC 8058 §3.1: the https URI and List-Unsubscribe-Post enable one-click.
-        msg.set_raw("List-Unsubscribe", _fold_uris("List-Unsubscribe", mailto, headers))
+        # The https URI first, each on its own line (a per-recipient token makes the
+        # length differ per copy; prepare.Personalizer finds the field by this form).
+        msg.set_raw("List-Unsubscribe", f"<{headers.unsubscribe_url}>,\r\n {mailto}")
         msg.set_raw("List-Unsubscribe-Post", "List-Unsubscribe=One-Click")
     msg.set_raw("List-Owner", f"<mailto:{headers.owner}>")
     msg.set_raw("Precedence", "list")
@@ -125,14 +130,6 @@ def _list_id_value(headers: ListHeaders) -> str:
     last = phrase.rpartition("\n")[2] if "\n" in phrase else f"List-Id: {phrase}"
     fold = "\r\n " if len(last) + len(headers.list_id) + 3 > _MAX_LINE else " "
     return f"{phrase}{fold}<{headers.list_id}>"
-
-
-def _fold_uris(name: str, mailto: str, headers: ListHeaders) -> str:
-    """Both URIs in one header, folded between them when the line would pass 78 characters."""
-    one_line = f"{mailto}, <{headers.unsubscribe_url}>"
-    if len(name) + 2 + len(one_line) <= _MAX_LINE:
-        return one_line
-    return f"{mailto},\r\n <{headers.unsubscribe_url}>"
 
 
 def add_subject_prefix(msg: EmailMessage, prefix: str) -> None:

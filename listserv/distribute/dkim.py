@@ -433,7 +433,9 @@ class Signer:
         fragment = message[body_start:cut]
         if self.body_canon == "relaxed":
             fragment = _relaxed_lines(fragment)
-        return SigningTemplate(self, message[:cut], headers, h_value, hashlib.sha256(fragment))
+        return SigningTemplate(
+            self, message[:cut], headers, h_value, hashlib.sha256(fragment), body_start
+        )
 
     def _hash_headers(self, fields: list[_Field]) -> tuple[_Hash, bytes]:
         """SHA-256 over the signed fields, picked as verifiers pick them, and h=."""
@@ -476,18 +478,30 @@ class SigningTemplate:
     rest (relaxed canonicalization is line-local except at the end of the body,
     which lies in the rest). A message that does not start with the shared bytes
     is signed in full, so the result never depends on the caller being right.
+
+    A copy whose header section differs (one-click lists: each List-Unsubscribe
+    names its recipient) has its own header fields hashed, and still shares the
+    body hash up to the same point when its body starts with the same bytes.
     """
 
-    __slots__ = ("_body", "_h_value", "_headers", "_prefix", "signer")
+    __slots__ = ("_body", "_body_prefix", "_h_value", "_headers", "_prefix", "signer")
 
     def __init__(
-        self, signer: Signer, prefix: bytes, headers: _Hash, h_value: bytes, body: _Hash
+        self,
+        signer: Signer,
+        prefix: bytes,
+        headers: _Hash,
+        h_value: bytes,
+        body: _Hash,
+        body_start: int | None = None,
     ) -> None:
         self.signer = signer
         self._prefix = prefix
         self._headers = headers
         self._h_value = h_value
         self._body = body
+        #: the shared start of the body (None: copies must share the header too)
+        self._body_prefix = None if body_start is None else prefix[body_start:]
 
     @property
     def shared(self) -> int:
@@ -500,9 +514,23 @@ class SigningTemplate:
 
     def signature(self, message: bytes, *, timestamp: int | None = None) -> bytes:
         signer = self.signer
-        if not message.startswith(self._prefix):
-            return signer.signature(message, timestamp=timestamp)
-        rest = _crlf(message[len(self._prefix) :])
+        headers, h_value = self._headers, self._h_value
+        if message.startswith(self._prefix):
+            rest = message[len(self._prefix) :]
+        else:
+            end = message.find(b"\r\n\r\n")
+            shared = self._body_prefix
+            if (
+                shared is None
+                or end < 0
+                or not message.startswith(shared, end + 4)
+                or _has_bare_eol(message[: end + 4])
+            ):
+                return signer.signature(message, timestamp=timestamp)
+            fields, _ = _split_message(message[: end + 4])
+            headers, h_value = signer._hash_headers(fields)
+            rest = message[end + 4 + len(shared) :]
+        rest = _crlf(rest)
         tail = canonicalize_body(rest, signer.body_canon)
         if tail in (b"", b"\r\n"):
             # Nothing but empty lines after the shared part: the end-of-body rule
@@ -510,7 +538,7 @@ class SigningTemplate:
             return signer.signature(message, timestamp=timestamp)
         body = self._body.copy()
         body.update(tail)
-        return signer._finish(self._headers, self._h_value, body.digest(), timestamp)
+        return signer._finish(headers, h_value, body.digest(), timestamp)
 
 
 class _Field(NamedTuple):

@@ -5,7 +5,8 @@ in the text/plain and text/html parts of a post (HTML-escaped there). The rules:
 
 - Only those three names, in lower case, are fields. Any other `$word` (`$price`,
   `$NAME`, `$names`) is left exactly as written, as is `$unsubscribe_url` when no
-  unsubscribe link can be made (no site secret yet, see `UnsubscribeLinks`).
+  unsubscribe link can be made (no usable `[http] public_base_url`, see
+  `unsubscribe_links`).
 - A `$` right after another `$` never starts a field, and `$$` is left as
   written: `$$` and `$$name` reach readers unchanged (string.Template would turn
   them into `$` and `$name`; a price written `$$` must not change).
@@ -37,7 +38,6 @@ import binascii
 import codecs
 import enum
 import functools
-import hmac
 import html
 import re
 import secrets
@@ -52,9 +52,8 @@ from email.errors import (
 from email.message import EmailMessage, MIMEPart
 from email.policy import EmailPolicy
 from typing import cast
-from urllib.parse import quote
 
-from listserv import mail
+from listserv import mail, unsubscribe_links
 
 
 class Field(enum.StrEnum):
@@ -109,26 +108,9 @@ class Values:
         return found
 
 
-@dataclass(frozen=True, slots=True)
-class UnsubscribeLinks:
-    """`{base_url}/unsubscribe/{list}/{token}`, the token an HMAC-SHA256 of the list
-    and the address under the site's secret, so nobody can unsubscribe another.
-
-    The one-click endpoint (another issue) recomputes the token for the members of
-    the list; nothing here is stored. Without a secret there is no link, and
-    `$unsubscribe_url` stays as written.
-    """
-
-    base_url: str
-    secret: bytes
-    list_address: str
-
-    def url(self, address: str) -> str:
-        message = f"{self.list_address.lower()}\0{address.lower()}".encode()
-        digest = hmac.new(self.secret, message, "sha256").digest()
-        token = base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
-        base = self.base_url.rstrip("/")
-        return f"{base}/unsubscribe/{quote(self.list_address, safe='@')}/{token}"
+#: `{base_url}/unsubscribe/{token}`: the token scheme of one-click unsubscribe
+#: (unsubscribe_links.py), so `$unsubscribe_url` and List-Unsubscribe are one link.
+UnsubscribeLinks = unsubscribe_links.UnsubscribeLinks
 
 
 def active_fields(unsubscribe: bool) -> frozenset[Field]:

@@ -5,7 +5,9 @@ A shared post is rendered and signed once; a personalized post is stored
 decorated but unsigned, and `personalize` renders and signs it per recipient.
 A post that uses merge fields (`merge`) on a list with `merge_fields` on is sent
 personalized even when the list delivers shared: one copy cannot carry each
-recipient's values; a post without them stays shared.
+recipient's values; a post without them stays shared. A list with one-click
+unsubscribe in effect (`unsubscribe_links.one_click`) is sent personalized too:
+each copy's List-Unsubscribe carries its recipient's own link.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from listserv import addresses, mail
+from listserv import addresses, mail, sitesecret, unsubscribe_links
 from listserv.addresses import Kind
 from listserv.config import Settings
 from listserv.db import Database
@@ -51,9 +53,21 @@ class ListView:
     #: fill $name, $address, $unsubscribe_url per recipient (absent from
     #: snapshots taken before schema 0005: off, as the lists were)
     merge_fields: bool = False
+    # -- one-click unsubscribe (absent from older snapshots: off, as they were) --
+    #: mailing_lists.id, named by unsubscribe tokens (0: unknown, no links)
+    id: int = 0
+    #: no opt-out: no List-Unsubscribe, and the footer says why
+    mandatory: bool = False
+    #: the usable [http] public_base_url when queued ("": no links at all)
+    unsubscribe_base: str = ""
+    #: each copy's List-Unsubscribe carries its https link, with List-Unsubscribe-Post
+    one_click: bool = False
 
     @classmethod
-    def of(cls, mlist: MailingList) -> ListView:
+    def of(cls, mlist: MailingList, unsubscribe_base: str = "") -> ListView:
+        """The list as it renders now; `unsubscribe_base` is the usable public base
+        URL (unsubscribe_links.usable_base), "" when links cannot be made."""
+        one_click = unsubscribe_links.one_click(mlist, unsubscribe_base)
         return cls(
             name=mlist.local_part,
             domain=mlist.domain,
@@ -61,9 +75,13 @@ class ListView:
             description=mlist.description,
             subject_prefix=mlist.subject_prefix,
             footer=mlist.footer,
-            delivery_mode=mlist.delivery_mode,
+            delivery_mode=DeliveryMode.PERSONALIZED if one_click else mlist.delivery_mode,
             to_plain_text=mlist.plain_text_only and mlist.content_filter is ContentFilter.CONVERT,
             merge_fields=mlist.merge_fields,
+            id=mlist.id,
+            mandatory=mlist.mandatory,
+            unsubscribe_base=unsubscribe_base,
+            one_click=one_click,
         )
 
     def address(self, kind: Kind = Kind.POST) -> str:
@@ -90,8 +108,14 @@ def list_headers(view: ListView) -> decorate.ListHeaders:
         post=view.address(),
         help=view.address(Kind.REQUEST),
         unsubscribe_mailto=view.address(Kind.LEAVE),
-        unsubscribe_url=None,  # one-click needs per-recipient tokens: subscriptions issue
+        # a personalized template's placeholder, each copy's own token put in its place
+        unsubscribe_url=(
+            f"{view.unsubscribe_base}{unsubscribe_links.PATH}{TOKEN_PLACEHOLDER}"
+            if view.one_click and view.delivery_mode is DeliveryMode.PERSONALIZED
+            else None
+        ),
         owner=view.address(Kind.OWNER),
+        opt_out=not view.mandatory,
     )
 
 
@@ -101,7 +125,12 @@ def footer_text(view: ListView, recipient: str | None = None) -> str:
         lines.append(view.footer)
     if recipient:
         lines.append(f"You are subscribed as {recipient}.")
-    lines.append(f"To unsubscribe, send an e-mail to {view.address(Kind.LEAVE)}")
+    if view.mandatory:
+        # no opt-out line: the reader is told why this list reaches them anyway
+        lines.append("You receive this list because it is mandatory for everyone it serves;")
+        lines.append("it cannot be unsubscribed. Questions go to the list owner.")
+    else:  # never dropped (foundation review): every optional list says how to leave
+        lines.append(f"To unsubscribe, send an e-mail to {view.address(Kind.LEAVE)}")
     lines.append(f"List owner: {view.address(Kind.OWNER)}")
     return "\n".join(lines) + "\n"
 
@@ -125,6 +154,9 @@ def render(raw: bytes, view: ListView, signer: dkim.Signer | None) -> bytes:
 #: Stands for the recipient in a footer rendered once per batch (ASCII letters,
 #: digits and '-': the same in 7bit, 8bit, quoted-printable and HTML).
 PLACEHOLDER = "LISTSERV-RECIPIENT-7c1e9a"
+#: Stands for the recipient's one-click token in a personalized template's
+#: List-Unsubscribe (base64url characters: the token's own alphabet).
+TOKEN_PLACEHOLDER = "LISTSERV-UNSUBSCRIBE-TOKEN-2b8d41"
 #: Signing templates kept per merged post: a header slot has a few variants
 #: (charset kept or UTF-8, times the transfer encodings), rarely more than 4.
 _MAX_TEMPLATES = 16
@@ -150,6 +182,12 @@ class Personalizer:
     Its signing shares what comes before the first slot. `names` maps lower-cased
     addresses to display names (a missing one is ""); `unsubscribe` makes the
     `$unsubscribe_url` links (None: left as written).
+
+    On a one-click list (`view.one_click`) every copy's List-Unsubscribe gets the
+    recipient's token in place of TOKEN_PLACEHOLDER, found by its whole field line
+    (a sender's text cannot start a header line of ours). The header then differs
+    per copy, so signing hashes each copy's header section (a few hundred bytes)
+    and still shares the body prefix (`dkim.SigningTemplate`).
     """
 
     def __init__(
@@ -162,6 +200,14 @@ class Personalizer:
         self.view = view
         self._names: Mapping[str, str] = names or {}
         self._unsubscribe = unsubscribe
+        self._token_field: bytes | None = None
+        if view.one_click and view.delivery_mode is DeliveryMode.PERSONALIZED:
+            if unsubscribe is None:
+                raise ValueError("a one-click post needs unsubscribe links to render")
+            self._token_field = (
+                f"\r\nList-Unsubscribe: <{view.unsubscribe_base}"
+                f"{unsubscribe_links.PATH}{TOKEN_PLACEHOLDER}>"
+            ).encode("ascii")
         self._base = mail.parse(template)
         footer = footer_text(view, PLACEHOLDER)
         decorated = decorate.add_footer(copy.deepcopy(self._base), footer)
@@ -207,11 +253,26 @@ class Personalizer:
 
     def render(self, recipient: str) -> bytes:
         if self._merger is not None:
-            return self._merger.render(self.values(recipient))
+            return self._with_token(self._merger.render(self.values(recipient)), recipient)
         if self.fits_fast_path(recipient):
-            return self._fast.replace(PLACEHOLDER.encode(), recipient.encode())
+            data = self._fast.replace(PLACEHOLDER.encode(), recipient.encode())
+            return self._with_token(data, recipient)
         footer = footer_text(self.view, recipient)
-        return mail.to_bytes(decorate.add_footer(copy.deepcopy(self._base), footer))
+        data = mail.to_bytes(decorate.add_footer(copy.deepcopy(self._base), footer))
+        return self._with_token(data, recipient)
+
+    def _with_token(self, data: bytes, recipient: str) -> bytes:
+        """`data` with the recipient's one-click token in its List-Unsubscribe."""
+        field = self._token_field
+        if field is None:
+            return data
+        at = data.find(field, 0, data.find(b"\r\n\r\n") + 2)
+        if at < 0:
+            raise ValueError("the one-click List-Unsubscribe field is missing from the copy")
+        at += len(field) - len(TOKEN_PLACEHOLDER) - 1  # the field ends with "TOKEN>"
+        assert self._unsubscribe is not None
+        token = self._unsubscribe.token(recipient).encode("ascii")
+        return data[:at] + token + data[at + len(TOKEN_PLACEHOLDER) :]
 
     def signing_template(self, signer: dkim.Signer) -> dkim.SigningTemplate | None:
         """The per-post signing state for the copies' shared part, or None (none shared)."""
@@ -246,6 +307,7 @@ class Personalizer:
         copies of a 4 KB post, non-ASCII names: 4.07 s with one, 3.49 s so)."""
         assert self._merger is not None
         data, prefix = self._merger.render_keyed(self.values(recipient))
+        data = self._with_token(data, recipient)
         cached = self._merge_signing
         if cached is None or cached[0] is not signer:
             cached = self._merge_signing = (signer, {})
@@ -280,11 +342,31 @@ def merged_template(raw: bytes, view: ListView, audience: Audience) -> bytes | N
         return None
     personal = dataclasses.replace(view, delivery_mode=DeliveryMode.PERSONALIZED)
     template = render(raw, personal, None)
-    return template if Personalizer(template, personal).merges else None
+    # $unsubscribe_url is a field when links can be made (the secret is not needed
+    # to tell; the senders make the real links)
+    links = (
+        unsubscribe_links.UnsubscribeLinks(view.unsubscribe_base, b"", view.id)
+        if view.unsubscribe_base and view.id
+        else None
+    )
+    return template if Personalizer(template, personal, unsubscribe=links).merges else None
 
 
 #: domains already warned about in this process: once each, not once per post
 _UNSIGNED_WARNED: set[str] = set()
+#: public_base_url values already warned about in this process
+_NO_LINKS_WARNED: set[str] = set()
+
+
+def _warn_no_links(public_base_url: str) -> None:
+    problem = unsubscribe_links.base_problem(public_base_url)
+    if problem is not None and public_base_url not in _NO_LINKS_WARNED:
+        _NO_LINKS_WARNED.add(public_base_url)
+        log.warning(
+            "no one-click unsubscribe links: %s; lists keep their own delivery mode"
+            " and List-Unsubscribe has the mailto only",
+            problem,
+        )
 
 
 def signer_for(keys_dir: Path, domain: str) -> dkim.Signer | None:
@@ -317,8 +399,11 @@ def queue_post(db: Database, settings: Settings, post_id: int) -> int | None:
             raw = None if inbound is None else inbound.raw
         if mlist is None or raw is None:
             return None  # deleted meanwhile, with its list
-        view = ListView.of(mlist)
+        base = unsubscribe_links.usable_base(settings.http.public_base_url)
+        view = ListView.of(mlist, base)
         audience = post.audience
+        if not base and mlist.one_click_unsubscribe and not mlist.mandatory:
+            _warn_no_links(settings.http.public_base_url)
     try:
         if audience is Audience.OWNERS:
             prepared = raw  # forwarded as it came: its own signatures stay valid
@@ -342,6 +427,8 @@ def queue_post(db: Database, settings: Settings, post_id: int) -> int | None:
         locked = posts.lock_accepted_post(session, post_id)
         if locked is None:
             return None
+        if view.unsubscribe_base and audience is Audience.MEMBERS:
+            sitesecret.get(session, sitesecret.UNSUBSCRIBE)  # made now: senders only read it
         rcpts: Iterable[str]
         if audience is Audience.NOTICE:
             rcpts = list(dict.fromkeys(locked.notice_to or []))
