@@ -18,7 +18,7 @@ from typing import Literal
 
 from aiohttp import web
 
-from listserv import http
+from listserv import http, reports
 from listserv.config import Settings
 from listserv.db import Database
 from listserv.distribute import scheduler
@@ -135,6 +135,9 @@ class Daemon:
                         on_queued=self._posts_waiting.set,
                         authenticator=authenticator,
                     )
+                )
+                group.create_task(
+                    reports.run(self.db, s, stop=self._stop, on_queued=self._posts_waiting.set)
                 )
                 self.ready.set()
                 await self._stop.wait()
