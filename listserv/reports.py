@@ -498,8 +498,8 @@ def _values(
         "failure_table": _failure_table(report),
         "window": f"{hours} hour{'s' if hours != 1 else ''}",
         "followup_note": (
-            f"Bounces that arrive in the next {hours} hour{'s' if hours != 1 else ''}"
-            " are counted in a follow-up report, if there are any."
+            f"Bounces that arrive in the next {hours} hour{'s' if hours != 1 else ''} are"
+            " counted in a\nfollow-up report, if there are any.\n"
             if followup
             else ""
         ),
@@ -510,11 +510,13 @@ def _failure_table(report: Report) -> str:
     if not report.failed:
         return "No recipient failed."
     lines = ["Failed recipients (address, SMTP code, reply):", ""]
-    lines += table_lines(
-        [
-            (f.address, "-" if f.code is None else str(f.code), _detail(f.detail))
-            for f in report.failures
-        ]
+    lines += _indent(
+        table_lines(
+            [
+                (f.address, "-" if f.code is None else str(f.code), _detail(f.detail))
+                for f in report.failures
+            ]
+        )
     )
     if report.more_failures:
         lines += [
@@ -526,8 +528,10 @@ def _failure_table(report: Report) -> str:
 
 
 def _bounce_table(bounces: Sequence[Bounce], total: int) -> str:
-    lines = table_lines(
-        [(b.address, b.kind.value, b.status or "-", _detail(b.detail)) for b in bounces]
+    lines = _indent(
+        table_lines(
+            [(b.address, b.kind.value, b.status or "-", _detail(b.detail)) for b in bounces]
+        )
     )
     if total > len(bounces):
         lines += ["", f"... and {total - len(bounces)} more."]
@@ -545,6 +549,10 @@ def table_lines(rows: Sequence[Sequence[str]]) -> list[str]:
         ).rstrip()
         for r in rows
     ]
+
+
+def _indent(lines: list[str]) -> list[str]:
+    return ["  " + line for line in lines]
 
 
 def _detail(text: str) -> str:
