@@ -434,6 +434,9 @@ RACER = textwrap.dedent(
     from listserv import reports
     from listserv.db import Database
     db = Database(sys.argv[1])
+    db.check_ready()  # connected and imported: wait for the other racer
+    print("ready", flush=True)
+    sys.stdin.readline()
     print(reports.run_once(db, now=datetime.fromisoformat(sys.argv[2])))
     db.dispose()
     """
@@ -442,16 +445,23 @@ RACER = textwrap.dedent(
 
 def test_two_processes_racing_queue_each_report_once(db: Database, db_url: str) -> None:
     make_list(db, report_to_owners="true")
-    count = 2 * reports.DUE_BATCH + 10  # several rounds for each process
+    count = 4 * reports.DUE_BATCH + 10  # several rounds for each process
     ids = [finished_post(db) for _ in range(count)]
     racers = [
         subprocess.Popen(
             [sys.executable, "-c", RACER, db_url, T0.isoformat()],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
         )
         for _ in range(2)
     ]
+    for racer in racers:
+        assert racer.stdout is not None and racer.stdout.readline() == "ready\n"
+    for racer in racers:  # both are told to go before either is waited for
+        assert racer.stdin is not None
+        racer.stdin.write("go\n")
+        racer.stdin.flush()
     queued = [int(p.communicate(timeout=120)[0].strip() or -1) for p in racers]
     assert all(p.returncode == 0 for p in racers)
     assert sum(queued) == 2 * count  # poster and owner of each post, by one racer or the other
