@@ -488,7 +488,7 @@ def _values(
         "sender": report.sender,
         "subject": " ".join(report.subject.split()) or "(no subject)",
         "outcome": outcome,
-        "finished": _when(report.finished_at),
+        "finished": "" if report.finished_at is None else f", finished {_when(report.finished_at)}",
         "recipients": report.recipients,
         "delivered": report.delivered,
         "deferred": report.deferred + report.pending,

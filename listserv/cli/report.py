@@ -3,6 +3,8 @@ delivery report and every failure (the mail lists at most the first 1,000)."""
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import click
 
 from listserv import reports
@@ -44,7 +46,7 @@ def report(app: App, post_id: int, fmt: str) -> None:
         ("bounced before report", _bounces(before)),
         ("bounced after report", _bounces(after)),
         ("report sent", _when(result.reported_at)),
-        ("follow-up sent", _when(result.followup_sent_at)),
+        ("follow-up", _followup(result)),
     ]
     echo_table([(f"{name}:", value) for name, value in lines])
     if result.failures:
@@ -65,5 +67,13 @@ def _bounces(counts: dict[str, int]) -> str:
     return f"{total} ({', '.join(f'{n} {kind}' for kind, n in sorted(counts.items()))})"
 
 
-def _when(when: object) -> str:
-    return "-" if when is None else str(when)
+def _followup(result: reports.Report) -> str:
+    if result.followup_sent_at is not None:
+        return f"sent {_when(result.followup_sent_at)}"
+    if result.followup_due_at is not None:
+        return f"due {_when(result.followup_due_at)} (bounces until then are counted)"
+    return "-"
+
+
+def _when(when: datetime | None) -> str:
+    return "-" if when is None else when.isoformat(timespec="seconds")
