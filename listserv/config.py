@@ -76,6 +76,8 @@ class DeliverySettings:
     poll_interval: float = 1.0
     workers: int = 0  # delivery processes beside the listener (0: in its own process)
     mix_domains: bool = False  # batches across domains: the smarthost is an MTA
+    #: false: this daemon sends no delivery reports (reports.py), whatever the lists say
+    reports: bool = True
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -18,7 +18,7 @@ from typing import Literal
 
 from aiohttp import web
 
-from listserv import http, sync
+from listserv import http, reports, sync
 from listserv.config import Settings
 from listserv.db import Database
 from listserv.distribute import scheduler
@@ -137,6 +137,9 @@ class Daemon:
                     )
                 )
                 group.create_task(sync.run(self.db, s, stop=self._stop))  # [[sync]] entries
+                group.create_task(
+                    reports.run(self.db, s, stop=self._stop, on_queued=self._posts_waiting.set)
+                )
                 self.ready.set()
                 await self._stop.wait()
                 log.info("shutting down: no new mail accepted, finishing what is in hand")

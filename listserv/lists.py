@@ -185,9 +185,18 @@ SETTINGS: dict[str, Setting] = {
     "one_click_unsubscribe": Setting(_boolean, "true or false (yes/no, on/off, 1/0)", _yes_no),
     # nobody may leave: no List-Unsubscribe, and the footer says why
     "mandatory": Setting(_boolean, "true or false (yes/no, on/off, 1/0)", _yes_no),
+    # delivery reports (reports.py): to the poster, a copy to the owners, and the
+    # hours after it in which bounces are counted for a follow-up (0: no follow-up)
+    "delivery_reports": Setting(_boolean, "true or false (yes/no, on/off, 1/0)", _yes_no),
+    "report_to_owners": Setting(_boolean, "true or false (yes/no, on/off, 1/0)", _yes_no),
+    "report_window_hours": Setting(_whole(0, 24 * 90), "a whole number of hours, 0 to 2160"),
 }
 LIMITS = {"subject_prefix": 100, "description": 255}
-ALIASES = {"policy": "posting_policy", "mode": "delivery_mode"}
+ALIASES = {
+    "policy": "posting_policy",
+    "mode": "delivery_mode",
+    "report_window": "report_window_hours",
+}
 #: Body text: the footer may span lines.
 MULTILINE = frozenset({"footer"})
 #: Posts not yet delivered to every recipient: deleting the list cancels them.

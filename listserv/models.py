@@ -235,6 +235,13 @@ class MailingList(Base):
     one_click_unsubscribe: Mapped[bool] = mapped_column(default=True, server_default=sa.true())
     #: nobody may leave (crisis notices to all staff): no opt-out, no one-click header
     mandatory: Mapped[bool] = mapped_column(default=False, server_default=sa.false())
+    # -- delivery reports (reports.py) --
+    #: the poster gets a report when a post's last batch is done
+    delivery_reports: Mapped[bool] = mapped_column(default=True, server_default=sa.true())
+    #: the owners get a copy of every delivery report
+    report_to_owners: Mapped[bool] = mapped_column(default=False, server_default=sa.false())
+    #: hours after the report in which bounces are counted for a follow-up (0: none)
+    report_window_hours: Mapped[int] = mapped_column(default=24, server_default="24")
     last_reminder_at: Mapped[datetime | None] = mapped_column(default=None)
     created_at: Mapped[CreatedAt]
 
@@ -356,7 +363,12 @@ class InboundMessage(Base):
 
 class Post(Base):
     __tablename__ = "posts"
-    __table_args__ = (sa.Index("ix_posts_state", "state"), NO_REUSE)
+    __table_args__ = (
+        sa.Index("ix_posts_state", "state"),
+        sa.Index("ix_posts_report", "state", "reported_at"),
+        sa.Index("ix_posts_followup", "followup_due_at"),
+        NO_REUSE,
+    )
 
     id: Mapped[IntPK]
     list_id: Mapped[int] = mapped_column(sa.ForeignKey("mailing_lists.id", ondelete="CASCADE"))
@@ -388,6 +400,14 @@ class Post(Base):
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     #: `queue pause`: its batches are not claimed (those in flight finish) until resumed
     paused: Mapped[bool] = mapped_column(default=False, server_default=sa.false())
+    # -- delivery reports (reports.py) --
+    #: when the delivery report was queued, or found not owed (a notice, reports off,
+    #: nobody to tell): set once, by a conditional UPDATE, with the notices it queues
+    reported_at: Mapped[datetime | None] = mapped_column(default=None)
+    #: the report window's end: bounces until then make a follow-up (None: none owed)
+    followup_due_at: Mapped[datetime | None] = mapped_column(default=None)
+    #: when a follow-up report was queued (None: none, or no bounce in the window)
+    followup_sent_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class DeliveryBatch(Base):

@@ -110,6 +110,8 @@ def settings_for(db_url: str, sink_port: int, tmp_path: Path, **overrides: Any) 
             "retry_factor": 1.0,
             "poll_interval": 0.05,
             "timeout": 10.0,
+            # delivery reports are mail to the poster: only tests about them ask for it
+            "reports": False,
         },
         "dkim": {"keys_dir": str(tmp_path / "dkim")},
         "http": {"host": "127.0.0.1", "port": 0},

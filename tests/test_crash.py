@@ -86,6 +86,7 @@ async def test_sigkill_with_pending_batches_loses_nothing(
         f'[server]\nhost = "127.0.0.1"\nport = {port}\n'
         f'[database]\nurl = "{db_url}"\n'
         f'[delivery]\nhost = "127.0.0.1"\nport = {sink.port}\nmax_connections = 1\n'
+        "reports = false\n"
         "max_recipients_per_message = 1\npoll_interval = 0.1\nretry_initial = 0.2\n"
         f'[dkim]\nkeys_dir = "{tmp_path}/dkim"\n[http]\nenabled = false\n'
     )
@@ -149,6 +150,7 @@ async def test_sigkill_in_a_personalized_batch_resumes_at_once_and_resends_almos
         f'[server]\nhost = "127.0.0.1"\nport = {port}\n'
         f'[database]\nurl = "{db_url}"\n'
         f'[delivery]\nhost = "127.0.0.1"\nport = {sink.port}\nmax_connections = 1\n'
+        "reports = false\n"
         "poll_interval = 0.1\nretry_initial = 0.2\nlease_seconds = 300\n"
         f'[dkim]\nkeys_dir = "{tmp_path}/dkim"\n[http]\nenabled = false\n'
     )

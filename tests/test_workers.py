@@ -57,7 +57,7 @@ async def test_two_workers_share_a_post_and_a_killed_one_loses_nothing(
     config.write_text(
         f'[server]\nhost = "127.0.0.1"\nport = {port}\n'
         f'[database]\nurl = "{db_url}"\n'
-        f'[delivery]\nhost = "127.0.0.1"\nport = {sink.port}\n'
+        f'[delivery]\nhost = "127.0.0.1"\nport = {sink.port}\nreports = false\n'
         "poll_interval = 0.1\nretry_initial = 0.2\nmax_recipients_per_message = 250\n"
         f'[dkim]\nkeys_dir = "{tmp_path}/dkim"\n[http]\nenabled = false\n'
     )
