@@ -101,3 +101,15 @@ def test_bounces_parse_of_an_unreadable_file_is_one_line_and_exit_1(tmp_path: Pa
     assert result.exit_code == 1
     assert result.output.startswith("Error: cannot read ")
     assert result.output.count("\n") == 1 and "Traceback" not in result.output
+
+
+def test_bounces_parse_of_a_directory_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["bounces", "parse", str(tmp_path)])
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: cannot read ") and result.output.count("\n") == 1
+
+
+def test_garbage_reads_as_no_bounce_without_raising() -> None:
+    noise = bytes(range(256)) * 12 + b"\r\nFrom: \r\n\r\n\xff\xfe"
+    report = parse.parse(noise)
+    assert report.as_json() == {"permanent": [], "temporary": []}

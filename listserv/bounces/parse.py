@@ -30,6 +30,9 @@ from listserv.errors import InvalidAddress
 from listserv.models import BounceKind
 
 log = logging.getLogger("listserv.bounces")
+# flufl.bounce logs a line per detector run (INFO) and a traceback when one trips
+# (`_heuristic` says so in one line of its own): neither belongs in our logs or CLI.
+logging.getLogger("flufl.bounce").setLevel(logging.CRITICAL)
 
 #: Subjects of out-of-office and other automatic replies (RFC 3834 asks for
 #: Auto-Submitted, which many responders still leave out)
@@ -97,8 +100,9 @@ def parse(raw: bytes, mail_from: str | None = None) -> Report:
 def _heuristic(msg: Message, subject: str) -> tuple[Finding, ...]:
     try:
         temporary, permanent = flufl.bounce.all_failures(msg)
-    except Exception:  # a detector tripping over odd input: no finding, never a crash
-        log.warning("flufl.bounce could not read a message", exc_info=True)
+    except Exception as exc:  # a detector tripping over odd input: no finding, never a crash
+        log.warning("flufl.bounce could not read a message: %s: %s", type(exc).__name__, exc)
+        log.debug("flufl.bounce traceback", exc_info=True)
         return ()
     detail = f"heuristic: {subject}"[:1000] if subject else "heuristic"
     found: dict[str, Finding] = {}

@@ -27,7 +27,7 @@ def bounces() -> None:
 
 
 @bounces.command("parse")
-@click.argument("path", metavar="FILE", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("path", metavar="FILE", type=click.Path(path_type=Path))
 def parse_(path: Path) -> None:
     """The addresses a bounce message in FILE reports, as JSON (empty lists: none)."""
     try:
