@@ -19,6 +19,7 @@ from typing import Literal
 from aiohttp import web
 
 from listserv import http, reports, sync
+from listserv.bounces import task as bounce_task
 from listserv.config import Settings
 from listserv.db import Database
 from listserv.distribute import scheduler
@@ -139,6 +140,10 @@ class Daemon:
                 group.create_task(sync.run(self.db, s, stop=self._stop))  # [[sync]] entries
                 group.create_task(
                     reports.run(self.db, s, stop=self._stop, on_queued=self._posts_waiting.set)
+                )
+                # bounces: read bounce mail, score, warn, unsubscribe
+                group.create_task(
+                    bounce_task.run(self.db, s, stop=self._stop, on_queued=self._posts_waiting.set)
                 )
                 self.ready.set()
                 await self._stop.wait()

@@ -91,6 +91,23 @@ def _whole(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
+def _number(low: float, high: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text.strip())
+        except ValueError:
+            raise ValueError from None
+        if not low <= value <= high:  # also refuses nan
+            raise ValueError
+        return value
+
+    return parse
+
+
+def _decimal(value: float) -> str:
+    return f"{value:g}"
+
+
 def _nonmember(text: str) -> NonmemberAction | None:
     lowered = text.strip().lower()
     if lowered in ("", "default"):
@@ -190,6 +207,16 @@ SETTINGS: dict[str, Setting] = {
     "delivery_reports": Setting(_boolean, "true or false (yes/no, on/off, 1/0)", _yes_no),
     "report_to_owners": Setting(_boolean, "true or false (yes/no, on/off, 1/0)", _yes_no),
     "report_window_hours": Setting(_whole(0, 24 * 90), "a whole number of hours, 0 to 2160"),
+    # bounce scoring and its actions (bounces/score.py)
+    "bounce_score_threshold": Setting(_number(0.5, 1000), "a number from 0.5 to 1000", _decimal),
+    "bounce_info_stale_after": Setting(_whole(1, 365), "a whole number of days, 1 to 365"),
+    "bounce_you_are_disabled_warnings": Setting(_whole(0, 100), "a whole number, 0 to 100"),
+    "bounce_you_are_disabled_warnings_interval": Setting(
+        _whole(1, 365), "a whole number of days, 1 to 365"
+    ),
+    "bounce_temporary_weight": Setting(
+        _number(0, 100), "a number from 0 to 100 (0: not counted)", _decimal
+    ),
 }
 LIMITS = {"subject_prefix": 100, "description": 255}
 ALIASES = {

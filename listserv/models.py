@@ -243,6 +243,21 @@ class MailingList(Base):
     #: hours after the report in which bounces are counted for a follow-up (0: none)
     report_window_hours: Mapped[int] = mapped_column(default=24, server_default="24")
     last_reminder_at: Mapped[datetime | None] = mapped_column(default=None)
+    # -- bounces (the bounces issue; bounces/score.py) --
+    #: a member whose score reaches this has delivery disabled
+    bounce_score_threshold: Mapped[float] = mapped_column(sa.Float, default=5.0, server_default="5")
+    #: days: a bounce older than this restarts the count
+    bounce_info_stale_after: Mapped[int] = mapped_column(default=7, server_default="7")
+    #: "you are disabled" notices (the first at disabling) before the member is unsubscribed
+    bounce_you_are_disabled_warnings: Mapped[int] = mapped_column(default=3, server_default="3")
+    #: days between two of those notices
+    bounce_you_are_disabled_warnings_interval: Mapped[int] = mapped_column(
+        default=7, server_default="7"
+    )
+    #: what a temporary bounce (a delay) adds to the score; a permanent one adds 1
+    bounce_temporary_weight: Mapped[float] = mapped_column(
+        sa.Float, default=0.5, server_default="0.5"
+    )
     created_at: Mapped[CreatedAt]
 
     @property
@@ -260,6 +275,8 @@ class Member(Base):
     __table_args__ = (
         sa.UniqueConstraint("list_id", "address", "role"),
         sa.Index("ix_members_list_role", "list_id", "role"),
+        #: the bounce task finds the members disabled for bounces without a scan
+        sa.Index("ix_members_disabled_reason", "disabled_reason"),
         NO_REUSE,
     )
 

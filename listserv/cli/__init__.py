@@ -15,7 +15,7 @@ from typing import Any
 import click
 import sqlalchemy as sa
 
-from listserv.cli import dkim, held, inject, lists, members, queue, report, serve
+from listserv.cli import bounces, dkim, held, inject, lists, members, queue, report, serve
 from listserv.cli.app import App, one_line
 from listserv.errors import ListservError
 
@@ -91,6 +91,7 @@ cli.add_command(queue.queue)
 cli.add_command(dkim.dkim)
 cli.add_command(held.held)
 cli.add_command(report.report)
+cli.add_command(bounces.bounces)
 
 
 def main() -> None:

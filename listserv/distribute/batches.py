@@ -24,6 +24,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from listserv.bounces import smtp as smtp_bounces
 from listserv.config import DeliverySettings
 from listserv.db import db_now
 from listserv.distribute import throttle as throttling
@@ -381,6 +382,7 @@ def record(
         for single in singles:
             single["u"] = now
         conn.execute(_UPDATE_ONE, singles)  # one executemany, not a statement per reply
+    bounced = _failures(reports, held)  # 5xx to RCPT or DATA: bounces (bounces/smtp.py)
     states: list[BatchState | None] = []
     done: list[int] = []
     for report in reports:
@@ -406,7 +408,7 @@ def record(
             states.append(BatchState.PENDING)
             continue
         if report.left:
-            conn.execute(
+            gave_up = conn.execute(
                 sa.update(Delivery)
                 .where(Delivery.batch_id == batch.id, Delivery.state.in_(OPEN))
                 .values(
@@ -416,6 +418,10 @@ def record(
                     ),
                     updated_at=now,
                 )
+                .returning(Delivery.address, Delivery.code, Delivery.detail)
+            )
+            bounced.extend(
+                smtp_bounces.Failure(batch.post_id, *row, gave_up=True) for row in gave_up
             )
         done.append(batch.id)
         states.append(BatchState.DONE)
@@ -424,7 +430,22 @@ def record(
         done_ids = set(done)
         for post_id in sorted({r.batch.post_id for r in reports if r.batch.id in done_ids}):
             _finish_post_if_done(session, post_id, now)
+    if bounced:
+        smtp_bounces.record(session, bounced, now=now)
     return states
+
+
+def _failures(reports: Sequence[Report], held: set[int]) -> list[smtp_bounces.Failure]:
+    found: list[smtp_bounces.Failure] = []
+    for report in reports:
+        failed = {r.delivery_id: r for r in report.results if r.outcome is RecipientState.FAILED}
+        if not failed or report.batch.id not in held:
+            continue
+        for rid, address in report.batch.recipients:
+            if rid in failed:
+                r = failed[rid]
+                found.append(smtp_bounces.Failure(report.batch.post_id, address, r.code, r.detail))
+    return found
 
 
 def _set_batches(conn: sa.Connection, batch_ids: Sequence[int], **values: object) -> None:

@@ -35,6 +35,8 @@ class Prepared:
     message: bytes
     personalizer: prepare.Personalizer | None = None  # the template, parsed once
     signer: dkim.Signer | None = None
+    #: personalized: the site's VERP key, each copy from NAME-bounces+TOKEN@ (bounces/verp.py)
+    verp_key: bytes | None = None
 
 
 class PreparedCache:
@@ -46,6 +48,7 @@ class PreparedCache:
         self.size = size
         self._items: OrderedDict[tuple[int, datetime | None], Prepared | None] = OrderedDict()
         self._loading: dict[tuple[int, datetime | None], asyncio.Future[Prepared | None]] = {}
+        self._verp_key: bytes | None = None
 
     async def get(self, batch: ClaimedBatch) -> Prepared | None:
         """The post of `batch` ready to send, or None when it no longer exists."""
@@ -92,10 +95,14 @@ class PreparedCache:
             else None
         )
         view = dataclasses.replace(view, delivery_mode=DeliveryMode.PERSONALIZED)
+        if self._verp_key is None:  # made on first use: a write, so its own session
+            with self.db.session() as session:
+                self._verp_key = sitesecret.get(session, sitesecret.VERP)
         return Prepared(
             queued.prepared,
             prepare.Personalizer(queued.prepared, view, names, links),
             prepare.signer_for(self.keys_dir, view.domain),
+            self._verp_key,
         )
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from listserv.bounces import verp
 from listserv.config import Settings
 from listserv.db import Database
 from listserv.distribute import sender
@@ -174,8 +175,11 @@ class DeliveryEngine:
             for recipient, data in zip(chunk, rendered, strict=True):
                 if self.stop.is_set() or not self.dispatcher.holds(item):
                     return End.HANDED_BACK
+                envelope_from = batch.envelope_from
+                if ready.verp_key is not None:  # bounces name the delivery (bounces/verp.py)
+                    envelope_from = verp.envelope(ready.verp_key, envelope_from, recipient[0])
                 item.results.extend(
-                    await sender.send(conn, batch.envelope_from, [recipient], data, phase)
+                    await sender.send(conn, envelope_from, [recipient], data, phase)
                 )
                 if len(item.results) - item.recorded >= PROGRESS_EVERY:
                     self.dispatcher.progress(item)

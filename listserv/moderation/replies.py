@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 
 from listserv import addresses, lists, mail, notices, tokens
 from listserv.addresses import Kind
+from listserv.bounces import reenable
 from listserv.db import Database
 from listserv.errors import InvalidInput
 from listserv.models import InboundMessage, InboundState, MailingList, PostState, TokenKind
@@ -150,6 +151,9 @@ def _process_one(
             "inbound %d: automatic mail from %r to %s ignored (RFC 3834)", inbound.id, sender, rcpt
         )
         return 0
+    reenabled = _reenable(session, mlist, target.token or "", msg, sender, rcpt, now)
+    if reenabled is not None:
+        return reenabled
 
     def refuse(problem: str) -> int:
         log.info(
@@ -217,6 +221,22 @@ def _process_one(
         subject=decided.subject,
     )
     return 2 if decided.state is PostState.ACCEPTED else 1
+
+
+def _reenable(
+    session: Session,
+    mlist: MailingList,
+    token: str,
+    msg: EmailMessage,
+    sender: str,
+    rcpt: str,
+    now: datetime,
+) -> int | None:
+    """A reply to a "you are disabled for bounces" notice (None: not one)."""
+    in_reply_to = mail.header(msg, "Message-ID")
+    return reenable.handle(
+        session, mlist, token, sender=sender, rcpt=rcpt, in_reply_to=in_reply_to, now=now
+    )
 
 
 def _mark_failed(session: Session, inbound_id: int, reason: str) -> None:
