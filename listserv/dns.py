@@ -21,6 +21,7 @@ import dns.name
 import dns.nameserver
 import dns.rdatatype
 import dns.resolver
+from dns.rdtypes.ANY.MX import MX
 from dns.rdtypes.ANY.TXT import TXT
 
 from listserv.config import DnsSettings, parse_nameserver
@@ -33,7 +34,7 @@ class DnsError(Exception):
 
 
 class Resolver:
-    """Thread-safe TXT (and A) look-ups with a TTL-respecting cache; see the module docstring."""
+    """Thread-safe TXT, A, AAAA and MX look-ups with a TTL cache; see the module docstring."""
 
     def __init__(self, settings: DnsSettings) -> None:
         self.timeout = settings.timeout
@@ -74,6 +75,24 @@ class Resolver:
         """The IPv4 addresses of `name`; None when there are none; DnsError when DNS failed."""
         answer = self._resolve(name, dns.rdatatype.A)
         return None if answer is None else [rdata.to_text() for rdata in answer]
+
+    def aaaa(self, name: str) -> list[str] | None:
+        """The IPv6 addresses of `name`; None when there are none; DnsError when DNS failed."""
+        answer = self._resolve(name, dns.rdatatype.AAAA)
+        return None if answer is None else [rdata.to_text() for rdata in answer]
+
+    def mx(self, name: str) -> list[tuple[int, str]] | None:
+        """(preference, exchange without the final dot) of each MX record at `name`,
+        lowest preference first; None when there are none; DnsError when DNS failed."""
+        answer = self._resolve(name, dns.rdatatype.MX)
+        if answer is None:
+            return None
+        found = [
+            (int(rdata.preference), rdata.exchange.to_text(omit_final_dot=True).lower())
+            for rdata in answer
+            if isinstance(rdata, MX)
+        ]
+        return sorted(found)
 
     def _resolve(self, name: str, rdtype: dns.rdatatype.RdataType) -> dns.resolver.Answer | None:
         if self._resolver is None:

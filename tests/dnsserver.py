@@ -1,6 +1,7 @@
 """A small authoritative DNS server on 127.0.0.1 for tests: UDP and TCP on one port.
 
-Answers TXT and A records from dicts the test fills (`txt`, `a`); names it knows
+Answers TXT, A, AAAA and MX records from dicts the test fills (`txt`, `a`, `aaaa`,
+`mx`: (preference, exchange) pairs; an exchange of "." is a null MX); names it knows
 with no record of the asked type get NODATA, others NXDOMAIN. UDP answers larger
 than 512 octets (or the query's EDNS size) are truncated (TC), as a real server
 does, so resolvers retry over TCP. Faults are scripted here, on the peer:
@@ -26,8 +27,10 @@ import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
+from dns.rdtypes.ANY.MX import MX
 from dns.rdtypes.ANY.TXT import TXT
 from dns.rdtypes.IN.A import A
+from dns.rdtypes.IN.AAAA import AAAA
 
 Mode = Literal["answer", "servfail", "drop"]
 
@@ -37,6 +40,8 @@ class DnsServer:
         #: name (any case, trailing dot or not) -> TXT values; split into 255-octet strings
         self.txt: dict[str, list[str]] = {}
         self.a: dict[str, list[str]] = {}
+        self.aaaa: dict[str, list[str]] = {}
+        self.mx: dict[str, list[tuple[int, str]]] = {}
         self.ttl = ttl
         self.mode: Mode = "answer"
         #: (transport, name, type) of every query received, in order
@@ -111,7 +116,9 @@ class DnsServer:
             return response.to_wire()
         txt = {k.rstrip(".").lower(): v for k, v in self.txt.items()}
         a = {k.rstrip(".").lower(): v for k, v in self.a.items()}
-        if name not in txt and name not in a:
+        aaaa = {k.rstrip(".").lower(): v for k, v in self.aaaa.items()}
+        mx = {k.rstrip(".").lower(): v for k, v in self.mx.items()}
+        if name not in txt and name not in a and name not in aaaa and name not in mx:
             response.set_rcode(dns.rcode.NXDOMAIN)
         elif question.rdtype == dns.rdatatype.TXT and name in txt:
             rdatas = [TXT(dns.rdataclass.IN, dns.rdatatype.TXT, _strings(v)) for v in txt[name]]
@@ -119,6 +126,15 @@ class DnsServer:
         elif question.rdtype == dns.rdatatype.A and name in a:
             addrs = [A(dns.rdataclass.IN, dns.rdatatype.A, v) for v in a[name]]  # type: ignore[no-untyped-call]
             response.answer.append(dns.rrset.from_rdata_list(question.name, self.ttl, addrs))
+        elif question.rdtype == dns.rdatatype.AAAA and name in aaaa:
+            v6 = [AAAA(dns.rdataclass.IN, dns.rdatatype.AAAA, v) for v in aaaa[name]]  # type: ignore[no-untyped-call]
+            response.answer.append(dns.rrset.from_rdata_list(question.name, self.ttl, v6))
+        elif question.rdtype == dns.rdatatype.MX and name in mx:
+            exchanges = [
+                MX(dns.rdataclass.IN, dns.rdatatype.MX, pref, dns.name.from_text(host))
+                for pref, host in mx[name]
+            ]
+            response.answer.append(dns.rrset.from_rdata_list(question.name, self.ttl, exchanges))
         if query.edns >= 0:
             max_size = max(max_size, query.payload)
         try:

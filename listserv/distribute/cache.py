@@ -81,11 +81,13 @@ class PreparedCache:
                     return None
                 view = prepare.ListView.of(mlist)
             names = display_names(session, queued.list_id) if view.merge_fields else {}
+            recorded = (queued.render or {}).get(prepare.SELECTORS_KEY)
+            selectors = [str(s) for s in recorded] if isinstance(recorded, list) else None
         view = dataclasses.replace(view, delivery_mode=DeliveryMode.PERSONALIZED)
         return Prepared(
             queued.prepared,
             prepare.Personalizer(queued.prepared, view, names),
-            prepare.signer_for(self.keys_dir, view.domain),
+            prepare.signer_for(self.keys_dir, view.domain, selectors),
         )
 
 

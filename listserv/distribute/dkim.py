@@ -177,7 +177,7 @@ class SigningKey:
         (``"v=DKIM1; k=rsa; p=MIIB..." "...rest"``), which verifiers join back
         together without separators (RFC 6376 §3.6.2.2).
         """
-        return f"{self.dns_name()}. IN TXT {_quoted_strings(self.public_txt())}"
+        return f"{self.dns_name()}. IN TXT {quoted_strings(self.public_txt())}"
 
 
 @dataclass(frozen=True)
@@ -218,7 +218,7 @@ def generate_key(
     file, then hard-linked into place), and the link refuses to replace an
     existing selector even when two of these run at once.
     """
-    domain = _check_domain(domain)
+    domain = check_domain(domain)
     if not _valid_selector(selector):
         raise InvalidInput(
             f"invalid DKIM selector {selector!r}: use letters, digits, '-', '_' and '.'"
@@ -274,7 +274,7 @@ def generate_key(
 def new_selector(keys_dir: Path, domain: str, algorithm: Algorithm, today: date) -> str:
     """A selector never used for `domain`: ``sYYYYMMDD`` (RSA) or ``eYYYYMMDD`` (Ed25519),
     with ``-2``, ``-3``... when that day's is taken."""
-    domain_dir = keys_dir / _check_domain(domain)
+    domain_dir = keys_dir / check_domain(domain)
     base = f"{'e' if algorithm == 'ed25519' else 's'}{today:%Y%m%d}"
     candidate, n = base, 1
     while _selector_taken(domain_dir, candidate):
@@ -304,7 +304,7 @@ def activate_key(
 
 def find_key(keys_dir: Path, domain: str, selector: str) -> SigningKey:
     """`domain`'s key `selector` (matched without case), or NotFound / ConfigError."""
-    domain = _check_domain(domain)
+    domain = check_domain(domain)
     if not _valid_selector(selector):
         raise InvalidInput(f"invalid DKIM selector {selector!r}")
     domain_dir = keys_dir / domain
@@ -355,7 +355,7 @@ def _activate(domain_dir: Path, algorithm: Algorithm, selector: str, now: dateti
 
 def active_selector(keys_dir: Path, domain: str, algorithm: Algorithm = "rsa") -> str | None:
     """The selector `domain`'s active file for `algorithm` names, or None when there is none."""
-    domain = _check_domain(domain)
+    domain = check_domain(domain)
     active = keys_dir / domain / ACTIVE_FILES[algorithm]
     try:
         return active.read_text(encoding="ascii").strip()
@@ -368,7 +368,7 @@ def active_selector(keys_dir: Path, domain: str, algorithm: Algorithm = "rsa") -
 def list_keys(keys_dir: Path, domain: str | None = None) -> list[KeyInfo]:
     """Every key under keys_dir (or one domain's), sorted; broken files become rows, not errors."""
     if domain is not None:
-        domains = [_check_domain(domain)]
+        domains = [check_domain(domain)]
     else:
         try:
             entries = sorted(p.name for p in keys_dir.iterdir() if p.is_dir())
@@ -386,7 +386,7 @@ def active_key(keys_dir: Path, domain: str, algorithm: Algorithm = "rsa") -> Sig
     A configured but broken key is a ConfigError rather than None: silently
     sending unsigned mail would fail DMARC at the receivers instead of here.
     """
-    domain = _check_domain(domain)
+    domain = check_domain(domain)
     active = keys_dir / domain / ACTIVE_FILES[algorithm]
     selector = active_selector(keys_dir, domain, algorithm)
     if selector is None:
@@ -540,7 +540,7 @@ class Signer:
         self.body_canon: Canonicalization = body_canon
         signing: list[tuple[rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey, bytes]] = []
         for one in self.keys:
-            domain = _check_domain(one.domain)
+            domain = check_domain(one.domain)
             if not _valid_selector(one.selector):
                 raise InvalidInput(f"invalid DKIM selector {one.selector!r}")
             try:
@@ -844,7 +844,7 @@ def _fold_b64(value: bytes) -> bytes:
     return b"\r\n ".join(chunks)
 
 
-def _quoted_strings(value: str) -> str:
+def quoted_strings(value: str) -> str:
     """`value` as zone-file quoted strings of at most 255 octets each (ASCII, no escapes needed)."""
     if not value.isascii() or '"' in value or "\\" in value:
         raise InvalidInput("a DKIM TXT value must be ASCII without quotes or backslashes")
@@ -852,7 +852,7 @@ def _quoted_strings(value: str) -> str:
     return " ".join(f'"{chunk}"' for chunk in chunks or [""])
 
 
-def _check_domain(domain: str) -> str:
+def check_domain(domain: str) -> str:
     """The lower-cased domain, or InvalidInput; it becomes a path component, so be strict."""
     lowered = domain.lower()
     labels = lowered.split(".")
@@ -870,7 +870,7 @@ def _check_domain(domain: str) -> str:
 
 def _is_domain(name: str) -> bool:
     try:
-        return _check_domain(name) == name
+        return check_domain(name) == name
     except InvalidInput:
         return False
 
