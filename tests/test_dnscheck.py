@@ -150,7 +150,9 @@ def test_spf_that_does_not_cover_us_fails_and_the_fix_keeps_the_record(
 def test_spf_follows_include_redirect_a_and_mx(server: DnsServer, resolver: Resolver) -> None:
     server.txt[DOMAIN] = ["v=spf1 include:_spf.provider.example redirect=_spf.example.org"]
     server.txt["_spf.provider.example"] = ["v=spf1 ip4:203.0.113.0/24 -all"]
-    server.txt["_spf.example.org"] = ["v=spf1 a:out.example.org/28 mx:lists.example.org ip6:2001:db8::/32 -all"]
+    server.txt["_spf.example.org"] = [
+        "v=spf1 a:out.example.org/28 mx:lists.example.org ip6:2001:db8::/32 -all"
+    ]
     server.a["out.example.org"] = ["192.0.2.17"]
     server.mx[DOMAIN] = [(10, "mx1.example.org")]
     server.a["mx1.example.org"] = ["198.51.100.7"]
@@ -349,9 +351,7 @@ def test_dns_failure_fails_the_checks_with_the_reason(
 
 
 @pytest.fixture
-def run(
-    tmp_path: Path, server: DnsServer, keys_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> Any:
+def run(tmp_path: Path, server: DnsServer, keys_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     for name in list(os.environ):
         if name.startswith("LISTSERV_"):
             monkeypatch.delenv(name)
