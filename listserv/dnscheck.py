@@ -331,6 +331,8 @@ class SpfCheck:
             raise _SpfAbort("permerror", f"bad {mechanism} at {domain}")
         target = self._expand(spec.group("target"), domain) if spec.group("target") else domain
         prefix = spec.group("v4") if self.ip.version == 4 else spec.group("v6")
+        if prefix is not None and int(prefix) > self.ip.max_prefixlen:
+            raise _SpfAbort("permerror", f"bad prefix length in {mechanism} at {domain}")
         self._count(mechanism)
         if kind == "a":
             hosts = [target]

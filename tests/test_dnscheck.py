@@ -197,6 +197,10 @@ def test_spf_errors_are_failures(server: DnsServer, resolver: Resolver) -> None:
     assert two.status == "fail" and "2 SPF records" in two.detail
     assert too_many.status == "fail" and "permerror (more than 10 DNS look-ups" in too_many.detail
     assert dangling.status == "fail" and "permerror (include:nowhere.example" in dangling.detail
+    server.txt[DOMAIN] = ["v=spf1 a/33 ip4:192.0.2.0/24 -all"]
+    assert "permerror (bad prefix length in a/33" in spf(resolver, OUT).detail
+    server.txt[DOMAIN] = ["v=spf1 ip4:not-an-address -all"]
+    assert "permerror (bad ip4:not-an-address" in spf(resolver, OUT).detail
 
 
 def test_spf_macros_are_expanded(server: DnsServer, resolver: Resolver) -> None:
@@ -411,3 +415,11 @@ def test_command_refuses_a_bad_domain_in_one_line(run: Any) -> None:
     assert result.exit_code == 1
     assert result.stderr.startswith("Error: invalid DKIM domain")
     assert "Traceback" not in result.output
+
+
+def test_outbound_ips_must_be_addresses_or_networks() -> None:
+    ok = config.from_dict({"dns": {"outbound_ips": ["192.0.2.25", "2001:db8::/64"]}})
+
+    assert ok.dns.outbound_ips == ("192.0.2.25", "2001:db8::/64")
+    with pytest.raises(config.ConfigError, match=r"\[dns\] outbound_ips: 'mx\.example\.org'"):
+        config.from_dict({"dns": {"outbound_ips": ["mx.example.org"]}})
