@@ -17,7 +17,7 @@ from conftest import make_list, message, settings_for
 from dnsserver import DnsServer
 from sink import Sink
 
-from listserv import lists
+from listserv import lists, mail
 from listserv.cli import cli
 from listserv.config import DnsSettings
 from listserv.db import Database
@@ -97,8 +97,6 @@ def selectors(signed: bytes) -> list[str]:
 
 
 def message_headers(data: bytes, name: str) -> list[str]:
-    from listserv import mail
-
     return [str(v) for v in mail.parse(data).get_all(name, [])]
 
 
