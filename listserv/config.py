@@ -101,6 +101,13 @@ class DnsSettings:
     timeout: float = 5.0
     #: answers kept (each for its TTL); 0: no cache
     cache_size: int = 10000
+    #: `dns check`: hosts the list domains' MX records should name (empty: any MX will do)
+    mx_hosts: tuple[str, ...] = ()
+    #: `dns check`: the IP addresses (or CIDR networks) our list mail leaves the site from,
+    #: which the domains' SPF records must pass; empty: the smarthost's, when public
+    outbound_ips: tuple[str, ...] = ()
+    #: `dns check`: a domain the SPF records must include (a provider's "_spf.example.net")
+    spf_include: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -492,6 +499,13 @@ def _validate_dns_auth(s: Settings) -> None:
         raise ConfigError(f"{s.source}: [dns] timeout: must be greater than 0 and at most 300")
     if s.dns.cache_size < 0:
         raise ConfigError(f"{s.source}: [dns] cache_size: must not be negative")
+    for ip in s.dns.outbound_ips:
+        try:
+            ipaddress.ip_network(ip.strip(), strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"{s.source}: [dns] outbound_ips: {ip!r} is not an IP address or network"
+            ) from None
     for authserv_id in s.auth.trusted_authserv_ids:
         # RFC 8601 §2.2: authserv-id is a value (token or quoted-string); we accept the
         # host-name-like ids MTAs use, so a typo cannot silently trust nothing or anything.

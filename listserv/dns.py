@@ -82,14 +82,18 @@ class Resolver:
         return None if answer is None else [rdata.to_text() for rdata in answer]
 
     def mx(self, name: str) -> list[tuple[int, str]] | None:
-        """(preference, exchange) of each MX record at `name`, the root as "." (a null
-        MX, RFC 7505); None when there are none; DnsError when DNS failed."""
+        """(preference, exchange without the final dot, lower case) of each MX record at
+        `name`, lowest preference first, the root as "." (a null MX, RFC 7505); None when
+        there are none; DnsError when DNS failed."""
         answer = self._resolve(name, dns.rdatatype.MX)
         if answer is None:
             return None
-        return [
-            (rdata.preference, _host(rdata.exchange)) for rdata in answer if isinstance(rdata, MX)
+        found = [
+            (int(rdata.preference), _host(rdata.exchange).lower())
+            for rdata in answer
+            if isinstance(rdata, MX)
         ]
+        return sorted(found)
 
     def _resolve(self, name: str, rdtype: dns.rdatatype.RdataType) -> dns.resolver.Answer | None:
         if self._resolver is None:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import os
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import dkim
 import pytest
 from click.testing import CliRunner, Result
+from dnsserver import DnsServer
 from test_dkim import MESSAGE, txt_from_zone_line
 
 from listserv.cli import cli
@@ -36,10 +37,28 @@ def keys_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def run(tmp_path: Path, keys_dir: Path) -> Run:
-    """`listserv --config <tmp> ARGS...`; the dkim commands need no database."""
+def dns_server() -> Iterator[DnsServer]:
+    with DnsServer(ttl=0) as server:
+        yield server
+
+
+@pytest.fixture
+def run(tmp_path: Path, keys_dir: Path, dns_server: DnsServer) -> Run:
+    """`listserv --config <tmp> ARGS...`; the dkim commands need no database. `activate`
+    asks the loopback DNS server whether the key is published."""
     config = tmp_path / "listserv.toml"
-    config.write_text(textwrap.dedent(f'[dkim]\nkeys_dir = "{keys_dir}"\n'), encoding="utf-8")
+    config.write_text(
+        textwrap.dedent(
+            f"""
+            [dkim]
+            keys_dir = "{keys_dir}"
+            [dns]
+            nameservers = ["{dns_server.address}"]
+            timeout = 2.0
+            """
+        ),
+        encoding="utf-8",
+    )
 
     def run(*args: str) -> Result:
         return CliRunner().invoke(cli, ["--config", str(config), *args])
@@ -94,7 +113,7 @@ def test_keygen_prints_a_zone_line_that_loads_back_to_the_verifying_key(
 
 
 def test_a_later_key_waits_for_activate_and_the_signer_picks_it_up(
-    run: Run, keys_dir: Path
+    run: Run, keys_dir: Path, dns_server: DnsServer
 ) -> None:
     ok(run("dkim", "keygen", DOMAIN, "--selector", "s1", "--bits", "1024"))
     lines = ok(run("dkim", "keygen", DOMAIN, "--selector", "s2", "--bits", "1024"))
@@ -107,11 +126,17 @@ def test_a_later_key_waits_for_activate_and_the_signer_picks_it_up(
     assert [(r["selector"], r["active"]) for r in listed(run)] == [("s1", True), ("s2", False)]
     signer = prepare.signer_for(keys_dir, DOMAIN)
     assert signer is not None and signer.key.selector == "s1"
+    s2 = keys.find_key(keys_dir, DOMAIN, "s2")
+    dns_server.txt[s2.dns_name()] = [s2.public_txt()]
 
-    [line] = ok(run("dkim", "activate", DOMAIN, "s2"))
+    line, retired = ok(run("dkim", "activate", DOMAIN, "s2"))
 
     assert line.startswith(f"s2 is now the active DKIM key for {DOMAIN}")
-    assert [(r["selector"], r["active"]) for r in listed(run)] == [("s1", False), ("s2", True)]
+    assert retired.startswith("s1 is retired, not deleted: keep its record published until")
+    assert [(r["selector"], r["active"], r["state"]) for r in listed(run)] == [
+        ("s1", False, "retired"),
+        ("s2", True, "active"),
+    ]
     signer = prepare.signer_for(keys_dir, DOMAIN)  # what the daemon does per post
     assert signer is not None and signer.key.selector == "s2"
 
@@ -156,15 +181,16 @@ def test_list_shows_domain_selector_bits_and_the_active_key(run: Run) -> None:
     one = ok(run("dkim", "list", "Example.ORG"))
 
     assert [line.split() for line in table] == [
-        ["DOMAIN", "SELECTOR", "BITS", "ACTIVE", "STATUS"],
-        [DOMAIN, "s1", "1024", "yes", "ok"],
-        [DOMAIN, "s2", "2048", "no", "ok"],
-        ["lists.example.net", "a", "1024", "yes", "ok"],
+        ["DOMAIN", "SELECTOR", "ALGORITHM", "BITS", "STATE", "STATUS"],
+        [DOMAIN, "s1", "rsa", "1024", "active", "ok"],
+        [DOMAIN, "s2", "rsa", "2048", "pending", "ok"],
+        ["lists.example.net", "a", "rsa", "1024", "active", "ok"],
     ]
     assert [line.split() for line in one] == [table[0].split(), *(r.split() for r in table[1:3])]
+    common = {"domain": DOMAIN, "algorithm": "rsa", "retired_at": None, "problem": None}
     assert listed(run, DOMAIN) == [
-        {"domain": DOMAIN, "selector": "s1", "bits": 1024, "active": True, "problem": None},
-        {"domain": DOMAIN, "selector": "s2", "bits": 2048, "active": False, "problem": None},
+        {**common, "selector": "s1", "bits": 1024, "active": True, "state": "active"},
+        {**common, "selector": "s2", "bits": 2048, "active": False, "state": "pending"},
     ]
 
 
@@ -183,10 +209,10 @@ def test_list_shows_broken_files_as_such(run: Run, keys_dir: Path) -> None:
     table = ok(run("dkim", "list"))
     rows = listed(run)
 
-    assert table[1].split()[:5] == [DOMAIN, "s1", "1024", "no", "ok"]
-    assert table[2].split()[:4] == [DOMAIN, "s2", "-", "no"]
+    assert table[1].split()[:6] == [DOMAIN, "s1", "rsa", "1024", "pending", "ok"]
+    assert table[2].split()[:4] == [DOMAIN, "s2", "rsa", "-"]
     assert table[2].endswith("not a usable key: not a PEM private key")
-    assert table[3].split()[:4] == [DOMAIN, "gone", "-", "yes"]
+    assert table[3].split()[:5] == [DOMAIN, "gone", "rsa", "-", "active"]
     assert table[3].endswith("but gone.pem does not exist")
     assert [(r["selector"], r["bits"], r["active"]) for r in rows] == [
         ("s1", 1024, False),
@@ -196,7 +222,27 @@ def test_list_shows_broken_files_as_such(run: Run, keys_dir: Path) -> None:
     assert rows[0]["problem"] is None and rows[1]["problem"] and rows[2]["problem"]
 
 
-@pytest.mark.parametrize("command", ["keygen", "activate", "list"])
+def test_keygen_ed25519_beside_rsa_waits_and_says_so(run: Run, keys_dir: Path) -> None:
+    ok(run("dkim", "keygen", DOMAIN, "--selector", "s1", "--bits", "1024"))
+    lines = ok(run("dkim", "keygen", DOMAIN, "--selector", "e1", "--algorithm", "ed25519"))
+
+    assert "not active yet" in lines[0]
+    name, value = txt_from_zone_line(lines[2])
+    assert name == f"e1._domainkey.{DOMAIN}." and value.startswith("v=DKIM1; k=ed25519; p=")
+    assert [(r["selector"], r["algorithm"], r["bits"], r["state"]) for r in listed(run)] == [
+        ("e1", "ed25519", 256, "pending"),
+        ("s1", "rsa", 1024, "active"),
+    ]
+
+
+def test_keygen_ed25519_alone_warns_that_rsa_is_still_needed(run: Run) -> None:
+    lines = ok(run("dkim", "keygen", DOMAIN, "--selector", "e1", "--algorithm", "ed25519"))
+
+    assert "now the active DKIM key" in lines[0]
+    assert lines[-1].startswith("note: many receivers verify only RSA signatures")
+
+
+@pytest.mark.parametrize("command", ["keygen", "activate", "list", "rotate"])
 def test_help_needs_no_config(tmp_path: Path, command: str) -> None:
     missing = str(tmp_path / "missing.toml")
     result = CliRunner().invoke(cli, ["--config", missing, "dkim", command, "--help"])

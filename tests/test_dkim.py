@@ -218,12 +218,12 @@ def test_list_keys_shows_every_key_and_the_active_one(tmp_path: Path) -> None:
     (tmp_path / "not_a_domain").mkdir()
 
     assert list_keys(tmp_path) == [
-        KeyInfo(DOMAIN, "s1", 1024, active=True),
-        KeyInfo(DOMAIN, "s2", 2048, active=False),
-        KeyInfo("other.example.org", "x", 1024, active=True),
+        KeyInfo(DOMAIN, "s1", 1024, active=True, state="active"),
+        KeyInfo(DOMAIN, "s2", 2048, active=False, state="pending"),
+        KeyInfo("other.example.org", "x", 1024, active=True, state="active"),
     ]
     assert list_keys(tmp_path, "OTHER.example.org") == [
-        KeyInfo("other.example.org", "x", 1024, active=True)
+        KeyInfo("other.example.org", "x", 1024, active=True, state="active")
     ]
     assert list_keys(tmp_path, "none.example.org") == []
     assert list_keys(tmp_path / "missing") == []

@@ -371,7 +371,7 @@ def test_no_template_when_the_copies_differ_in_the_header(key: SigningKey) -> No
 
 
 def ed25519_verifies(signed: bytes, public: ed25519.Ed25519PublicKey) -> bool:
-    """dkimpy hashes (its ed25519 check needs PyNaCl, not installed); OpenSSL verifies."""
+    """dkimpy hashes, OpenSSL verifies: a check independent of PyNaCl."""
     checker = dkim.DKIM(signed)
     prep = checker.verify_headerprep()
     assert prep
@@ -415,11 +415,85 @@ def test_ed25519_signatures_verify(
         assert ed25519_verifies(template.sign(data), public)
 
 
-def test_key_files_stay_rsa_only(tmp_path: Path) -> None:
-    """Signing accepts Ed25519; `listserv dkim` keys and their DNS records remain RSA."""
-    pem = ed25519.Ed25519PrivateKey.generate().private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
+def test_ed25519_key_files_and_their_dns_record(tmp_path: Path) -> None:
+    key = generate_key(tmp_path, DOMAIN, "e1", algorithm="ed25519")
+    record = key.public_txt()
 
-    with pytest.raises(InvalidInput, match="not an RSA key"):
-        SigningKey(DOMAIN, "ed1", pem).public_txt()
+    assert key.algorithm == "ed25519"
+    assert record.startswith("v=DKIM1; k=ed25519; p=")
+    raw = base64.b64decode(record.split("p=", 1)[1])
+    assert len(raw) == 32  # RFC 8463 §4.2: the bare key, not a SubjectPublicKeyInfo
+    assert raw == key.public_bytes()
+    assert (tmp_path / DOMAIN / "active-ed25519").read_text() == "e1\n"  # the first key
+
+
+def dual_keys(tmp_path: Path) -> tuple[SigningKey, SigningKey]:
+    rsa_key = generate_key(tmp_path, DOMAIN, "r1", bits=1024)
+    ed_key = generate_key(tmp_path, DOMAIN, "e1", algorithm="ed25519", activate=True)
+    return rsa_key, ed_key
+
+
+def dnsfunc_both(*keys: SigningKey) -> Callable[..., bytes | None]:
+    records = {f"{k.selector}._domainkey.{k.domain}.".encode(): k.public_txt() for k in keys}
+
+    def dnsfunc(name: bytes, timeout: int = 5) -> bytes | None:
+        found = records.get(name)
+        return found.encode() if found else None
+
+    return dnsfunc
+
+
+def both_verify(signed: bytes, *keys: SigningKey) -> list[str]:
+    """The a= of each signature that dkimpy (with PyNaCl for Ed25519) verifies, top first."""
+    checker = dkim.DKIM(signed)
+    dnsfunc = dnsfunc_both(*keys)
+    count = len(mail.parse(signed).get_all("DKIM-Signature", []))
+    passed = []
+    for idx in range(count):
+        try:
+            ok = checker.verify(idx=idx, dnsfunc=dnsfunc)
+        except dkim.DKIMException:
+            ok = False
+        if ok:
+            passed.append(checker.signature_fields[b"a"].decode())
+    return passed
+
+
+@pytest.mark.parametrize(("header_canon", "body_canon"), CANONS, ids=CANON_IDS)
+def test_rsa_and_ed25519_signatures_both_verify_with_dkimpy_shared(
+    tmp_path: Path, header_canon: Canonicalization, body_canon: Canonicalization
+) -> None:
+    rsa_key, ed_key = dual_keys(tmp_path)
+    signer = Signer(rsa_key, ed_key, header_canon=header_canon, body_canon=body_canon)
+
+    for name in ("folded", "utf8-headers", "empty-body", "repeated-headers", "long-lines"):
+        signed = on_the_wire(signer.sign(CORPUS[name], timestamp=T))
+        assert both_verify(signed, rsa_key, ed_key) == ["rsa-sha256", "ed25519-sha256"], name
+        tampered = signed.replace(b"From: ", b"From: x", 1)
+        assert both_verify(tampered, rsa_key, ed_key) == [], name
+
+
+@pytest.mark.parametrize(("header_canon", "body_canon"), CANONS, ids=CANON_IDS)
+def test_rsa_and_ed25519_signatures_both_verify_with_dkimpy_personalized(
+    tmp_path: Path, header_canon: Canonicalization, body_canon: Canonicalization
+) -> None:
+    rsa_key, ed_key = dual_keys(tmp_path)
+    signer = Signer(rsa_key, ed_key, header_canon=header_canon, body_canon=body_canon)
+    template = signer.template(TEMPLATE, TEMPLATE.find(b"PLACEHOLDER"))
+    assert template is not None
+
+    for recipient, data in zip(RECIPIENTS, copies(), strict=True):
+        fast = template.sign(data, timestamp=T)
+        assert fast == signer.sign(data, timestamp=T)
+        assert both_verify(fast, rsa_key, ed_key) == ["rsa-sha256", "ed25519-sha256"]
+        forged = fast.replace(recipient.encode(), b"eve@evil.example")
+        assert both_verify(forged, rsa_key, ed_key) == []
+
+
+def test_one_signature_still_verifies_when_the_other_key_is_unpublished(tmp_path: Path) -> None:
+    """Receivers that know no Ed25519 (or whose look-up fails) still have the RSA one."""
+    rsa_key, ed_key = dual_keys(tmp_path)
+    signed = Signer(rsa_key, ed_key).sign(CORPUS["folded"], timestamp=T)
+
+    assert both_verify(signed, rsa_key) == ["rsa-sha256"]
+    assert both_verify(signed, ed_key) == ["ed25519-sha256"]

@@ -15,7 +15,7 @@ from typing import Any
 import click
 import sqlalchemy as sa
 
-from listserv.cli import bounces, dkim, held, inject, lists, members, queue, report, serve
+from listserv.cli import bounces, dkim, dns, held, inject, lists, members, queue, report, serve
 from listserv.cli.app import App, one_line
 from listserv.errors import ListservError
 
@@ -89,6 +89,7 @@ cli.add_command(members.members)
 cli.add_command(inject.inject)
 cli.add_command(queue.queue)
 cli.add_command(dkim.dkim)
+cli.add_command(dns.dns)
 cli.add_command(held.held)
 cli.add_command(report.report)
 cli.add_command(bounces.bounces)

@@ -86,6 +86,8 @@ class PreparedCache:
                 view = prepare.ListView.of(mlist)
             names = display_names(session, queued.list_id) if view.merge_fields else {}
             secret = unsubscribe_links.stored_secret(session) if view.unsubscribe_base else None
+        recorded = (queued.render or {}).get(prepare.SELECTORS_KEY)
+        selectors = [str(s) for s in recorded] if isinstance(recorded, list) else None
         if secret is None and view.one_click:  # queue_post made it; made here all the same
             with self.db.session() as session:
                 secret = sitesecret.get(session, sitesecret.UNSUBSCRIBE)
@@ -101,7 +103,7 @@ class PreparedCache:
         return Prepared(
             queued.prepared,
             prepare.Personalizer(queued.prepared, view, names, links),
-            prepare.signer_for(self.keys_dir, view.domain),
+            prepare.signer_for(self.keys_dir, view.domain, selectors),
             self._verp_key,
         )
 

@@ -1,8 +1,11 @@
 """DKIM keys on disk and signing of outgoing list mail.
 
 Layout: ``<keys_dir>/<domain>/<selector>.pem`` (PKCS#8 PEM, mode 0600, directories
-0700) and ``<keys_dir>/<domain>/active``, one line naming the selector in use. The
-signer reads ``active`` per post, so switching keys needs no restart.
+0700); ``<keys_dir>/<domain>/active``, one line naming the RSA selector in use, and
+``active-ed25519`` naming the Ed25519 one (RFC 8463) when the domain signs twice;
+``retired``, one line per selector that stopped signing (``SELECTOR ISO-TIME``),
+so `list_keys` can tell a retired key from one waiting to be activated. The
+signer reads the active files per post, so switching keys needs no restart.
 
 A new key always gets a new selector and an old selector is never reused: mail
 signed with the old key may still be in flight, so its public key has to stay
@@ -22,6 +25,7 @@ import re
 import tempfile
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
@@ -91,6 +95,14 @@ KEY_SIZES: tuple[int, ...] = (1024, 2048, 3072, 4096)
 #: Verifiers must reject RSA keys below 1024 bits (RFC 8301).
 _MIN_BITS = 1024
 ACTIVE_FILE = "active"
+RETIRED_FILE = "retired"
+#: k= of the key record; the signature algorithm is a=<algorithm>-sha256.
+Algorithm = Literal["rsa", "ed25519"]
+ALGORITHMS: tuple[Algorithm, ...] = ("rsa", "ed25519")
+#: The file naming each algorithm's active selector: RSA keeps the original name.
+ACTIVE_FILES: dict[Algorithm, str] = {"rsa": ACTIVE_FILE, "ed25519": "active-ed25519"}
+#: KeyInfo.state: signing now; made but never activated; replaced by a newer key.
+KeyState = Literal["active", "pending", "retired"]
 
 _SELECTOR = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _DOMAIN_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
@@ -121,16 +133,33 @@ class SigningKey:
     selector: str
     private_pem: bytes = field(repr=False)
 
-    def public_txt(self) -> str:
-        """The DNS TXT record value: ``v=DKIM1; k=rsa; p=<base64 SubjectPublicKeyInfo>``."""
-        try:
-            key = _load_rsa(self.private_pem)
-        except ValueError as e:
-            raise InvalidInput(f"DKIM key {self.selector} for {self.domain}: {e}") from e
-        der = key.public_key().public_bytes(
+    @property
+    def algorithm(self) -> Algorithm:
+        """``rsa`` or ``ed25519``, read from the key itself."""
+        return "ed25519" if isinstance(self._private(), ed25519.Ed25519PrivateKey) else "rsa"
+
+    def public_bytes(self) -> bytes:
+        """What p= carries, decoded: an RSA SubjectPublicKeyInfo (DER), or the raw
+        32-byte Ed25519 public key (RFC 8463 §4.2)."""
+        key = self._private()
+        if isinstance(key, ed25519.Ed25519PrivateKey):
+            return key.public_key().public_bytes(
+                serialization.Encoding.Raw, serialization.PublicFormat.Raw
+            )
+        return key.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
-        return f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode('ascii')}"
+
+    def public_txt(self) -> str:
+        """The DNS TXT record value: ``v=DKIM1; k=rsa|ed25519; p=<base64 public key>``."""
+        p = base64.b64encode(self.public_bytes()).decode("ascii")
+        return f"v=DKIM1; k={self.algorithm}; p={p}"
+
+    def _private(self) -> rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey:
+        try:
+            return _load_signing_key(self.private_pem)
+        except ValueError as e:
+            raise InvalidInput(f"DKIM key {self.selector} for {self.domain}: {e}") from e
 
     def path(self, keys_dir: Path) -> Path:
         """Where the private key lives under keys_dir."""
@@ -148,14 +177,17 @@ class SigningKey:
         (``"v=DKIM1; k=rsa; p=MIIB..." "...rest"``), which verifiers join back
         together without separators (RFC 6376 §3.6.2.2).
         """
-        return f"{self.dns_name()}. IN TXT {_quoted_strings(self.public_txt())}"
+        return f"{self.dns_name()}. IN TXT {quoted_strings(self.public_txt())}"
 
 
 @dataclass(frozen=True)
 class KeyInfo:
     """One row of `list_keys`: a key on disk, or a problem with a domain's key files.
 
-    `problem` is None for a usable key; `bits` is None when the key cannot be read.
+    `problem` is None for a usable key; `bits` is None when the key cannot be read
+    (an Ed25519 key has 256). `state` is active, pending (made, never activated: its
+    record may still need publishing) or retired (replaced; `retired_at` says when,
+    and its record stays published while mail it signed may be in flight).
     """
 
     domain: str
@@ -163,26 +195,40 @@ class KeyInfo:
     bits: int | None
     active: bool
     problem: str | None = None
+    algorithm: Algorithm = "rsa"
+    state: KeyState | None = None
+    retired_at: datetime | None = None
 
 
 def generate_key(
-    keys_dir: Path, domain: str, selector: str, bits: int = 2048, *, activate: bool = False
+    keys_dir: Path,
+    domain: str,
+    selector: str,
+    bits: int = 2048,
+    *,
+    activate: bool = False,
+    algorithm: Algorithm = "rsa",
 ) -> SigningKey:
-    """Create a new RSA key for `domain` under a new `selector`.
+    """Create a new key for `domain` under a new `selector` (RSA of `bits`, or Ed25519).
 
-    The domain's first key becomes active at once; a later one only with
-    `activate` (or `activate_key` later), because mail signed before its DNS
-    record is published fails DKIM everywhere. The PEM appears complete or not
-    at all (written to a temporary file, then hard-linked into place), and the
-    link refuses to replace an existing selector even when two of these run at once.
+    A domain's first key becomes active at once; a later one (an Ed25519 key
+    beside an active RSA key included) only with `activate` (or `activate_key`
+    later), because mail signed before its DNS record is published fails DKIM
+    everywhere. The PEM appears complete or not at all (written to a temporary
+    file, then hard-linked into place), and the link refuses to replace an
+    existing selector even when two of these run at once.
     """
-    domain = _check_domain(domain)
+    domain = check_domain(domain)
     if not _valid_selector(selector):
         raise InvalidInput(
             f"invalid DKIM selector {selector!r}: use letters, digits, '-', '_' and '.'"
             " (starting with a letter or digit, no empty or >63-character labels)"
         )
-    if not isinstance(bits, int) or isinstance(bits, bool) or bits not in KEY_SIZES:
+    if algorithm not in ALGORITHMS:
+        raise InvalidInput(f"unknown DKIM algorithm {algorithm!r}: use rsa or ed25519")
+    if algorithm == "rsa" and (
+        not isinstance(bits, int) or isinstance(bits, bool) or bits not in KEY_SIZES
+    ):
         raise InvalidInput(
             f"invalid DKIM key size {bits!r}: use one of {', '.join(map(str, KEY_SIZES))}"
         )
@@ -196,9 +242,13 @@ def generate_key(
         _make_private_dir(keys_dir)
         _make_private_dir(domain_dir)
         # DNS names are case-insensitive: "Sel1" would replace the DNS record of "sel1".
-        if any(p.name.lower() == pem_path.name.lower() for p in domain_dir.iterdir()):
+        if _selector_taken(domain_dir, selector):
             raise InvalidInput(taken)
-        key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+        key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey = (
+            ed25519.Ed25519PrivateKey.generate()
+            if algorithm == "ed25519"
+            else rsa.generate_private_key(public_exponent=65537, key_size=bits)
+        )
         pem = key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
@@ -208,11 +258,11 @@ def generate_key(
             _write_new(pem_path, pem)
         except FileExistsError:
             raise InvalidInput(taken) from None
-        active = domain_dir / ACTIVE_FILE
+        active = domain_dir / ACTIVE_FILES[algorithm]
         line = f"{selector}\n".encode("ascii")
         if activate:
-            _write_replace(active, line)
-        else:
+            _activate(domain_dir, algorithm, selector, None)
+        elif not any((domain_dir / name).exists() for name in ACTIVE_FILES.values()):
             # Linked into place, never replaced: of two first keys made at once, one wins.
             with contextlib.suppress(FileExistsError):
                 _write_new(active, line)
@@ -221,13 +271,40 @@ def generate_key(
     return SigningKey(domain=domain, selector=selector, private_pem=pem)
 
 
-def activate_key(keys_dir: Path, domain: str, selector: str) -> SigningKey:
-    """Make an existing, usable key the one `domain`'s mail is signed with.
+def new_selector(keys_dir: Path, domain: str, algorithm: Algorithm, today: date) -> str:
+    """A selector never used for `domain`: ``sYYYYMMDD`` (RSA) or ``eYYYYMMDD`` (Ed25519),
+    with ``-2``, ``-3``... when that day's is taken."""
+    domain_dir = keys_dir / check_domain(domain)
+    base = f"{'e' if algorithm == 'ed25519' else 's'}{today:%Y%m%d}"
+    candidate, n = base, 1
+    while _selector_taken(domain_dir, candidate):
+        n += 1
+        candidate = f"{base}-{n}"
+    return candidate
+
+
+def activate_key(
+    keys_dir: Path, domain: str, selector: str, *, now: datetime | None = None
+) -> SigningKey:
+    """Make an existing, usable key the one `domain`'s mail is signed with (for its
+    algorithm: an Ed25519 key replaces the active Ed25519 key, not the RSA one).
 
     The selector is matched case-insensitively, as DNS does. Unknown selectors are
-    NotFound and unusable keys ConfigError, so a typo never stops the signing.
+    NotFound and unusable keys ConfigError, so a typo never stops the signing. The
+    key it replaces is recorded as retired at `now`, never deleted.
     """
-    domain = _check_domain(domain)
+    key = find_key(keys_dir, domain, selector)
+    domain_dir = keys_dir / key.domain
+    try:
+        _activate(domain_dir, key.algorithm, key.selector, now)
+    except OSError as e:
+        raise ConfigError(f"cannot write under {domain_dir}: {_reason(e)}") from e
+    return key
+
+
+def find_key(keys_dir: Path, domain: str, selector: str) -> SigningKey:
+    """`domain`'s key `selector` (matched without case), or NotFound / ConfigError."""
+    domain = check_domain(domain)
     if not _valid_selector(selector):
         raise InvalidInput(f"invalid DKIM selector {selector!r}")
     domain_dir = keys_dir / domain
@@ -236,7 +313,7 @@ def activate_key(keys_dir: Path, domain: str, selector: str) -> SigningKey:
         found = [
             p
             for p in domain_dir.iterdir()
-            if p.name.lower() == wanted and _valid_selector(p.stem)  # not "\u212a.pem" for "k"
+            if p.name.lower() == wanted and _valid_selector(p.stem)  # not "\\u212a.pem" for "k"
         ]
     except (FileNotFoundError, NotADirectoryError):
         found = []
@@ -253,17 +330,33 @@ def activate_key(keys_dir: Path, domain: str, selector: str) -> SigningKey:
         raise ConfigError(f"{pem_path}: cannot read DKIM key: {_reason(e)}") from e
     except ValueError as e:
         raise ConfigError(f"{pem_path}: not a usable DKIM key: {e}") from e
-    try:
-        _write_replace(domain_dir / ACTIVE_FILE, f"{pem_path.stem}\n".encode("ascii"))
-    except OSError as e:
-        raise ConfigError(f"cannot write {domain_dir / ACTIVE_FILE}: {_reason(e)}") from e
     return SigningKey(domain=domain, selector=pem_path.stem, private_pem=pem)
 
 
-def active_selector(keys_dir: Path, domain: str) -> str | None:
-    """The selector `domain`'s `active` file names, or None when there is no such file."""
-    domain = _check_domain(domain)
-    active = keys_dir / domain / ACTIVE_FILE
+def _activate(domain_dir: Path, algorithm: Algorithm, selector: str, now: datetime | None) -> None:
+    """Point `algorithm`'s active file at `selector`; the selector it named is retired.
+
+    The retirement is written first: a crash between the two leaves the old key
+    both active and listed as retired, and active wins, so nothing is lost.
+    """
+    active = domain_dir / ACTIVE_FILES[algorithm]
+    try:
+        previous: str | None = active.read_text(encoding="ascii").strip()
+    except (FileNotFoundError, UnicodeDecodeError):
+        previous = None
+    if previous and previous != selector and _valid_selector(previous):
+        when = (now or datetime.now(UTC)).astimezone(UTC).isoformat(timespec="seconds")
+        with open(domain_dir / RETIRED_FILE, "a", encoding="ascii") as f:
+            f.write(f"{previous} {when}\n")
+            f.flush()
+            os.fsync(f.fileno())
+    _write_replace(active, f"{selector}\n".encode("ascii"))
+
+
+def active_selector(keys_dir: Path, domain: str, algorithm: Algorithm = "rsa") -> str | None:
+    """The selector `domain`'s active file for `algorithm` names, or None when there is none."""
+    domain = check_domain(domain)
+    active = keys_dir / domain / ACTIVE_FILES[algorithm]
     try:
         return active.read_text(encoding="ascii").strip()
     except (FileNotFoundError, NotADirectoryError):
@@ -275,7 +368,7 @@ def active_selector(keys_dir: Path, domain: str) -> str | None:
 def list_keys(keys_dir: Path, domain: str | None = None) -> list[KeyInfo]:
     """Every key under keys_dir (or one domain's), sorted; broken files become rows, not errors."""
     if domain is not None:
-        domains = [_check_domain(domain)]
+        domains = [check_domain(domain)]
     else:
         try:
             entries = sorted(p.name for p in keys_dir.iterdir() if p.is_dir())
@@ -287,15 +380,15 @@ def list_keys(keys_dir: Path, domain: str | None = None) -> list[KeyInfo]:
     return [info for name in domains for info in _domain_keys(keys_dir / name, name)]
 
 
-def active_key(keys_dir: Path, domain: str) -> SigningKey | None:
-    """The key to sign `domain`'s mail with, or None when none is configured.
+def active_key(keys_dir: Path, domain: str, algorithm: Algorithm = "rsa") -> SigningKey | None:
+    """The key to sign `domain`'s mail with (with `algorithm`), or None when none is configured.
 
     A configured but broken key is a ConfigError rather than None: silently
     sending unsigned mail would fail DMARC at the receivers instead of here.
     """
-    domain = _check_domain(domain)
-    active = keys_dir / domain / ACTIVE_FILE
-    selector = active_selector(keys_dir, domain)
+    domain = check_domain(domain)
+    active = keys_dir / domain / ACTIVE_FILES[algorithm]
+    selector = active_selector(keys_dir, domain, algorithm)
     if selector is None:
         return None
     if not _valid_selector(selector):
@@ -311,9 +404,43 @@ def active_key(keys_dir: Path, domain: str) -> SigningKey | None:
         raise ConfigError(f"{pem_path}: cannot read DKIM key: {_reason(e)}") from e
     try:
         pem = _canonical_pem(pem)
+        if _key_algorithm(_load_signing_key(pem)) != algorithm:
+            raise ValueError(f"not an {algorithm} key")
     except ValueError as e:
         raise ConfigError(f"{pem_path}: not a usable DKIM key: {e}") from e
     return SigningKey(domain=domain, selector=selector, private_pem=pem)
+
+
+def active_keys(keys_dir: Path, domain: str) -> list[SigningKey]:
+    """Every key `domain`'s mail is signed with now: RSA first, then Ed25519 (RFC 8463
+    asks signers to add an RSA signature, which every verifier understands)."""
+    return [k for alg in ALGORITHMS if (k := active_key(keys_dir, domain, alg)) is not None]
+
+
+def pending_keys(keys_dir: Path, domain: str, algorithm: Algorithm) -> list[KeyInfo]:
+    """`domain`'s usable `algorithm` keys made but never activated, oldest selector first."""
+    return [
+        info
+        for info in list_keys(keys_dir, domain)
+        if info.state == "pending" and info.problem is None and info.algorithm == algorithm
+    ]
+
+
+def _retired(domain_dir: Path) -> dict[str, datetime]:
+    """Selector -> when it last stopped signing, from the ``retired`` file (bad lines skipped)."""
+    try:
+        text = (domain_dir / RETIRED_FILE).read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return {}
+    found: dict[str, datetime] = {}
+    for line in text.splitlines():
+        selector, _, when = line.strip().partition(" ")
+        try:
+            at = datetime.fromisoformat(when.strip())
+        except ValueError:
+            continue
+        found[selector] = at if at.tzinfo else at.replace(tzinfo=UTC)
+    return found
 
 
 def _domain_keys(domain_dir: Path, domain: str) -> list[KeyInfo]:
@@ -326,34 +453,59 @@ def _domain_keys(domain_dir: Path, domain: str) -> list[KeyInfo]:
     except OSError as e:
         return [KeyInfo(domain, None, None, False, f"cannot list {domain_dir}: {_reason(e)}")]
     rows: list[KeyInfo] = []
-    active = domain_dir / ACTIVE_FILE
-    try:
-        current: str | None = active.read_text(encoding="ascii").strip()
-    except FileNotFoundError:
-        current = None
-    except (OSError, UnicodeDecodeError) as e:
-        current = None
-        rows.append(KeyInfo(domain, None, None, False, f"cannot read {active}: {_reason(e)}"))
+    current: dict[Algorithm, str] = {}
+    for alg, name in ACTIVE_FILES.items():
+        active_path = domain_dir / name
+        try:
+            current[alg] = active_path.read_text(encoding="ascii").strip()
+        except FileNotFoundError:
+            pass
+        except (OSError, UnicodeDecodeError) as e:
+            unreadable = f"cannot read {active_path}: {_reason(e)}"
+            rows.append(KeyInfo(domain, None, None, False, unreadable))
+    retired = _retired(domain_dir)
     for pem_path in pems:
         bits: int | None = None
         problem: str | None = None
+        algorithm: Algorithm = "rsa"
         if not _valid_selector(pem_path.stem):
             problem = "not a valid selector name"
         try:
-            bits = _load_rsa(pem_path.read_bytes()).key_size
+            key = _load_signing_key(pem_path.read_bytes())
+            algorithm = _key_algorithm(key)
+            bits = 256 if isinstance(key, ed25519.Ed25519PrivateKey) else key.key_size
         except OSError as e:
             problem = f"cannot read: {_reason(e)}"
         except ValueError as e:
             problem = f"not a usable key: {e}"
-        rows.append(KeyInfo(domain, pem_path.stem, bits, pem_path.stem == current, problem))
-    if current is not None and current not in {p.stem for p in pems}:
-        shown = current[:64] if current.isprintable() else repr(current[:64])
-        problem = (
-            f"{active} names {shown!r} but {shown}.pem does not exist"
-            if _valid_selector(current)
-            else f"{active} does not name a valid selector"
+        active = current.get(algorithm) == pem_path.stem
+        state: KeyState = (
+            "active" if active else "retired" if pem_path.stem in retired else "pending"
         )
-        rows.append(KeyInfo(domain, shown or None, None, True, problem))
+        rows.append(
+            KeyInfo(
+                domain,
+                pem_path.stem,
+                bits,
+                active,
+                problem,
+                algorithm,
+                state,
+                None if active else retired.get(pem_path.stem),
+            )
+        )
+    stems = {p.stem for p in pems}
+    for alg, selector in current.items():
+        if selector in stems:
+            continue
+        active_path = domain_dir / ACTIVE_FILES[alg]
+        shown = selector[:64] if selector.isprintable() else repr(selector[:64])
+        missing = (
+            f"{active_path} names {shown!r} but {shown}.pem does not exist"
+            if _valid_selector(selector)
+            else f"{active_path} does not name a valid selector"
+        )
+        rows.append(KeyInfo(domain, shown or None, None, True, missing, alg, "active"))
     return rows
 
 
@@ -367,37 +519,46 @@ class Signer:
     lets several threads use at once, so one Signer serves every sender thread.
 
     RSA-SHA256 by default; an Ed25519 PEM signs as ed25519-sha256 (RFC 8463),
-    through the same steps. relaxed/relaxed unless told otherwise.
+    through the same steps. Given several keys (RSA and Ed25519 for one domain) it
+    writes one DKIM-Signature per key, in the order given, over one header and one
+    body hash: the second signature costs only its own public-key operation.
+    relaxed/relaxed unless told otherwise.
     """
 
     def __init__(
         self,
         key: SigningKey,
-        *,
+        *more: SigningKey,
         header_canon: Canonicalization = "relaxed",
         body_canon: Canonicalization = "relaxed",
     ) -> None:
-        domain = _check_domain(key.domain)
-        if not _valid_selector(key.selector):
-            raise InvalidInput(f"invalid DKIM selector {key.selector!r}")
         if header_canon not in _CANONICALIZATIONS or body_canon not in _CANONICALIZATIONS:
             raise InvalidInput(f"unknown DKIM canonicalization {header_canon}/{body_canon}")
-        try:
-            self._private = _load_signing_key(key.private_pem)
-        except ValueError as e:
-            raise InvalidInput(f"DKIM key {key.selector} for {key.domain}: {e}") from e
         self.key = key
+        self.keys: tuple[SigningKey, ...] = (key, *more)
         self.header_canon: Canonicalization = header_canon
         self.body_canon: Canonicalization = body_canon
-        algorithm = "ed25519-sha256" if self.is_ed25519 else "rsa-sha256"
-        # Everything before t= is the same in every signature of this Signer.
-        self._head = (
-            f"v=1; a={algorithm}; c={header_canon}/{body_canon}; d={domain}; s={key.selector};"
-        ).encode("ascii")
+        signing: list[tuple[rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey, bytes]] = []
+        for one in self.keys:
+            domain = check_domain(one.domain)
+            if not _valid_selector(one.selector):
+                raise InvalidInput(f"invalid DKIM selector {one.selector!r}")
+            try:
+                private = _load_signing_key(one.private_pem)
+            except ValueError as e:
+                raise InvalidInput(f"DKIM key {one.selector} for {one.domain}: {e}") from e
+            algorithm = f"{_key_algorithm(private)}-sha256"
+            # Everything before t= is the same in every signature with this key.
+            head = (
+                f"v=1; a={algorithm}; c={header_canon}/{body_canon}; d={domain}; s={one.selector};"
+            ).encode("ascii")
+            signing.append((private, head))
+        self._signing = tuple(signing)
 
     @property
     def is_ed25519(self) -> bool:
-        return isinstance(self._private, ed25519.Ed25519PrivateKey)
+        """True when the first (or only) key is Ed25519."""
+        return isinstance(self._signing[0][0], ed25519.Ed25519PrivateKey)
 
     def sign(self, message: bytes, *, timestamp: int | None = None) -> bytes:
         """Return ``DKIM-Signature: ...\\r\\n`` + `message`.
@@ -454,18 +615,26 @@ class Signer:
     def _finish(
         self, headers: _Hash, h_value: bytes, body_hash: bytes, timestamp: int | None
     ) -> bytes:
-        """Add the DKIM-Signature field itself, b= empty, to the header hash and sign."""
-        t = int(time.time()) if timestamp is None else timestamp
-        unsigned = _fold_signature(self._head, b"t=%d;" % t, h_value, base64.b64encode(body_hash))
-        # RFC 6376 §3.7: the field with an empty b=, canonicalized, without its CRLF.
-        state = headers.copy()
-        state.update(canonicalize_header(unsigned, self.header_canon)[:-2])
-        digest = state.digest()
-        if isinstance(self._private, ed25519.Ed25519PrivateKey):
-            raw = self._private.sign(digest)  # RFC 8463 §3: PureEdDSA over the SHA-256 hash
-        else:
-            raw = self._private.sign(digest, padding.PKCS1v15(), Prehashed(hashes.SHA256()))
-        return unsigned[:-2] + _fold_b64(base64.b64encode(raw)) + b"\r\n"
+        """Add each DKIM-Signature field itself, b= empty, to the header hash and sign.
+
+        The fields are independent: none covers another (DKIM-Signature is not in
+        SIGNED_HEADERS), so each verifies whatever order a receiver takes them in.
+        """
+        t = b"t=%d;" % (int(time.time()) if timestamp is None else timestamp)
+        bh = base64.b64encode(body_hash)
+        fields: list[bytes] = []
+        for private, head in self._signing:
+            unsigned = _fold_signature(head, t, h_value, bh)
+            # RFC 6376 §3.7: the field with an empty b=, canonicalized, without its CRLF.
+            state = headers.copy()
+            state.update(canonicalize_header(unsigned, self.header_canon)[:-2])
+            digest = state.digest()
+            if isinstance(private, ed25519.Ed25519PrivateKey):
+                raw = private.sign(digest)  # RFC 8463 §3: PureEdDSA over the SHA-256 hash
+            else:
+                raw = private.sign(digest, padding.PKCS1v15(), Prehashed(hashes.SHA256()))
+            fields.append(unsigned[:-2] + _fold_b64(base64.b64encode(raw)) + b"\r\n")
+        return b"".join(fields)
 
 
 class SigningTemplate:
@@ -703,7 +872,7 @@ def _fold_b64(value: bytes) -> bytes:
     return b"\r\n ".join(chunks)
 
 
-def _quoted_strings(value: str) -> str:
+def quoted_strings(value: str) -> str:
     """`value` as zone-file quoted strings of at most 255 octets each (ASCII, no escapes needed)."""
     if not value.isascii() or '"' in value or "\\" in value:
         raise InvalidInput("a DKIM TXT value must be ASCII without quotes or backslashes")
@@ -711,7 +880,7 @@ def _quoted_strings(value: str) -> str:
     return " ".join(f'"{chunk}"' for chunk in chunks or [""])
 
 
-def _check_domain(domain: str) -> str:
+def check_domain(domain: str) -> str:
     """The lower-cased domain, or InvalidInput; it becomes a path component, so be strict."""
     lowered = domain.lower()
     labels = lowered.split(".")
@@ -729,7 +898,7 @@ def _check_domain(domain: str) -> str:
 
 def _is_domain(name: str) -> bool:
     try:
-        return _check_domain(name) == name
+        return check_domain(name) == name
     except InvalidInput:
         return False
 
@@ -770,9 +939,22 @@ def _check_rsa(key: object) -> rsa.RSAPrivateKey:
     return key
 
 
+def _key_algorithm(key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey) -> Algorithm:
+    return "ed25519" if isinstance(key, ed25519.Ed25519PrivateKey) else "rsa"
+
+
+def _selector_taken(domain_dir: Path, selector: str) -> bool:
+    """A key file exists for `selector` in any case (DNS names ignore case)."""
+    wanted = f"{selector}.pem".lower()
+    try:
+        return any(p.name.lower() == wanted for p in domain_dir.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
 def _canonical_pem(pem: bytes) -> bytes:
     """Re-encode as PKCS#8 PEM with LF line endings, one stored form whatever the source."""
-    return _load_rsa(pem).private_bytes(
+    return _load_signing_key(pem).private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),

@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from listserv.addresses import Kind
 from listserv.config import Settings
 from listserv.db import Database
 from listserv.distribute import convert, decorate, dkim, merge, posts
+from listserv.errors import ListservError
 from listserv.models import (
     Audience,
     ContentFilter,
@@ -369,15 +370,43 @@ def _warn_no_links(public_base_url: str) -> None:
         )
 
 
-def signer_for(keys_dir: Path, domain: str) -> dkim.Signer | None:
-    key = dkim.active_key(keys_dir, domain)
-    if key is None:
+def signer_for(
+    keys_dir: Path, domain: str, selectors: Sequence[str] | None = None
+) -> dkim.Signer | None:
+    """A signer with `domain`'s active keys (RSA, then Ed25519: two signatures), or with
+    the keys `selectors` names, as recorded when a personalized post was queued: a
+    rotation while its batches wait changes nothing they send. A recorded key that
+    is gone (deleted by hand) is never used: the active keys sign instead."""
+    keys: list[dkim.SigningKey] = []
+    if selectors:
+        try:
+            keys = [dkim.find_key(keys_dir, domain, s) for s in selectors]
+        except ListservError as exc:
+            log.warning(
+                "DKIM key recorded for a queued post of %s unusable (%s):"
+                " signing with the active key",
+                domain,
+                exc,
+            )
+            keys = []
+    if not keys:
+        keys = dkim.active_keys(keys_dir, domain)
+    if not keys:
         if domain not in _UNSIGNED_WARNED:
             _UNSIGNED_WARNED.add(domain)
             log.warning("no DKIM key for %s: sending unsigned (run `listserv dkim keygen`)", domain)
         return None
     _UNSIGNED_WARNED.discard(domain)  # a key now: warn again should it go away
-    return dkim.Signer(key)
+    return dkim.Signer(*keys)
+
+
+#: posts.render key: the selectors a personalized post's copies are signed with
+SELECTORS_KEY = "dkim_selectors"
+
+
+def signing_selectors(keys_dir: Path, domain: str) -> list[str]:
+    """The active selectors of `domain`, recorded with a personalized post at queue time."""
+    return [key.selector for key in dkim.active_keys(keys_dir, domain)]
 
 
 def queue_post(db: Database, settings: Settings, post_id: int) -> int | None:
@@ -415,6 +444,9 @@ def queue_post(db: Database, settings: Settings, post_id: int) -> int | None:
             view = dataclasses.replace(view, delivery_mode=DeliveryMode.PERSONALIZED)
         else:
             prepared = render(raw, view, signer_for(settings.keys_dir, view.domain))
+        snapshot = view.snapshot()
+        if audience is Audience.MEMBERS and view.delivery_mode is DeliveryMode.PERSONALIZED:
+            snapshot[SELECTORS_KEY] = signing_selectors(settings.keys_dir, view.domain)
     except Exception as exc:
         reason = f"could not be prepared: {' '.join(str(exc).split()) or type(exc).__name__}"
         log.error("post %d to %s: failed, %s", post_id, view.address(), reason)
@@ -445,7 +477,7 @@ def queue_post(db: Database, settings: Settings, post_id: int) -> int | None:
             prepared=prepared,
             envelope_from=view.address(Kind.BOUNCES),
             delivery_mode=mode,
-            render=view.snapshot(),
+            render=snapshot,
             addresses=rcpts,
             max_per_batch=settings.delivery.max_recipients_per_message,
             mix_domains=settings.delivery.mix_domains,
