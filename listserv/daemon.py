@@ -27,6 +27,7 @@ from listserv.distribute.liveness import Liveness, worker_id
 from listserv.moderation import task as moderation
 from listserv.pipeline.auth import Authenticator
 from listserv.smtp_in.server import InboundServer
+from listserv.subscriptions import task as subscriptions
 from listserv.workers import WorkerPool
 
 log = logging.getLogger("listserv.daemon")
@@ -129,6 +130,16 @@ class Daemon:
                 # holds: announce, read moderators' replies, expire, remind
                 group.create_task(
                     moderation.run(
+                        self.db,
+                        s,
+                        stop=self._stop,
+                        on_queued=self._posts_waiting.set,
+                        authenticator=authenticator,
+                    )
+                )
+                # request, join and leave mail: confirmations, owners' commands
+                group.create_task(
+                    subscriptions.run(
                         self.db,
                         s,
                         stop=self._stop,

@@ -36,6 +36,7 @@ from listserv.models import (
     PostState,
     RecipientState,
     Role,
+    SubscriptionPolicy,
 )
 
 log = logging.getLogger("listserv.lists")
@@ -180,6 +181,10 @@ SETTINGS: dict[str, Setting] = {
     # $name, $address, $unsubscribe_url in a post's Subject and text filled per
     # recipient (distribute.merge); a post that uses one is sent personalized
     "merge_fields": Setting(_boolean, "true or false (yes/no, on/off, 1/0)", _yes_no),
+    # who may join by mail: open (confirmation), approve (and an owner), closed (nobody)
+    "subscription_policy": _enum(SubscriptionPolicy),
+    # nobody may leave by request (crisis notices to all staff)
+    "mandatory": Setting(_boolean, "true or false (yes/no, on/off, 1/0)", _yes_no),
 }
 LIMITS = {"subject_prefix": 100, "description": 255}
 ALIASES = {"policy": "posting_policy", "mode": "delivery_mode"}

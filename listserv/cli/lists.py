@@ -127,6 +127,9 @@ def set_(app: App, address: str, key: str, value: str) -> None:
       hold_expiry_days          1 to 3650
       merge_fields              true/false: $name, $address, $unsubscribe_url
                                 filled per recipient (the post goes out personalized)
+      subscription_policy       open (join by mail, confirmed), approve (confirmed,
+                                then an owner approves) or closed (owners add members)
+      mandatory                 true/false: nobody may leave by request
     Booleans take true/false, yes/no, on/off, 1/0.
 
     \b
