@@ -711,3 +711,26 @@ def test_a_request_for_a_deleted_list_is_marked_failed(db: Database) -> None:
         lists.delete(s, lists.get(s, LIST), force=True)
     process(db)
     assert inbound_state(db, inbound) is InboundState.FAILED
+
+
+def test_every_mail_of_the_flows_fills_every_template_field(db: Database) -> None:
+    """A $field left in a sent text is a template naming a value the code does not give."""
+    setup_list(db, subscription_policy="approve", description="Staff news")
+    store(db, "staff-join@lists.example.org")
+    store(db, "staff-request@lists.example.org", "help\nwho\n", sender=BOB)
+    store(db, "staff-request@lists.example.org", f"add {BOB}\nremove {BOB}\n", sender=OWNER)
+    process(db)
+    store(db, confirm_address(db, CAROL), "yes\n")
+    process(db, T0 + timedelta(minutes=1))
+    store(db, str(last(db, OWNER, "asks to join")["Reply-To"]), "approve\n", sender=OWNER)
+    store(db, "staff-leave@lists.example.org", sender=ANN)
+    process(db, T0 + timedelta(minutes=2))
+    store(db, confirm_address(db, ANN), "yes\n", sender=ANN)
+    store(db, "staff-confirm+" + "c" * 26 + "@lists.example.org", "yes\n", sender=ANN)
+    process(db, T0 + timedelta(minutes=3))
+    sent = [m for who in (CAROL, BOB, OWNER, ANN) for m in notices_to(db, who)]
+    assert len(sent) >= 12
+    for msg in sent:
+        text = str(msg["Subject"]) + body(msg)
+        assert not re.search(r"\$[a-z_{]", text), text
+    assert "member of staff@lists.example.org (Staff news)." in body(last(db, CAROL, "Welc"))

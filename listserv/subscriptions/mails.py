@@ -2,9 +2,10 @@
 
 Every text a subscriber or an owner reads (confirmation requests, welcome,
 goodbye, refusals, the answer to a command) is a template whose first line is
-``Subject: ...``, so a site edits the wording without touching code. The values
-every template may use come from `values`; a template that names one it was not
-given keeps the ``$field`` as written (notices.template).
+``Subject: ...``, so a site edits the wording without touching code. Every
+template may use $list, $description, $about (" (DESCRIPTION)" or nothing),
+$owner, $request, $join and $leave, besides its own values; a template that
+names one it was not given keeps the ``$field`` as written (notices.template).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ def values(mlist: MailingList, **extra: object) -> dict[str, object]:
     name, domain = mlist.local_part, mlist.domain
     base: dict[str, object] = {
         "list": mlist.address,
-        "description": mlist.description or mlist.address,
+        "description": mlist.description,
+        "about": f" ({mlist.description})" if mlist.description else "",
         "owner": addresses.build(name, domain, Kind.OWNER),
         "request": addresses.build(name, domain, Kind.REQUEST),
         "join": addresses.build(name, domain, Kind.JOIN),
