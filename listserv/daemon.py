@@ -28,6 +28,7 @@ from listserv.distribute.liveness import Liveness, worker_id
 from listserv.moderation import task as moderation
 from listserv.pipeline.auth import Authenticator
 from listserv.smtp_in.server import InboundServer
+from listserv.subscriptions import task as subscriptions
 from listserv.workers import WorkerPool
 
 log = logging.getLogger("listserv.daemon")
@@ -144,6 +145,16 @@ class Daemon:
                 # bounces: read bounce mail, score, warn, unsubscribe
                 group.create_task(
                     bounce_task.run(self.db, s, stop=self._stop, on_queued=self._posts_waiting.set)
+                )
+                # request, join and leave mail: confirmations, owners' commands
+                group.create_task(
+                    subscriptions.run(
+                        self.db,
+                        s,
+                        stop=self._stop,
+                        on_queued=self._posts_waiting.set,
+                        authenticator=authenticator,
+                    )
                 )
                 self.ready.set()
                 await self._stop.wait()

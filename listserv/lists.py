@@ -36,6 +36,7 @@ from listserv.models import (
     PostState,
     RecipientState,
     Role,
+    SubscriptionPolicy,
 )
 
 log = logging.getLogger("listserv.lists")
@@ -217,6 +218,8 @@ SETTINGS: dict[str, Setting] = {
     "bounce_temporary_weight": Setting(
         _number(0, 100), "a number from 0 to 100 (0: not counted)", _decimal
     ),
+    # who may join by mail: open (confirmation), approve (and an owner), closed (nobody)
+    "subscription_policy": _enum(SubscriptionPolicy),
 }
 LIMITS = {"subject_prefix": 100, "description": 255}
 ALIASES = {

@@ -136,7 +136,10 @@ def set_(app: App, address: str, key: str, value: str) -> None:
                                 filled per recipient (the post goes out personalized)
       one_click_unsubscribe     true/false: RFC 8058 one-click List-Unsubscribe
                                 (needs [http] public_base_url; one copy per recipient)
-      mandatory                 true/false: nobody may leave; no List-Unsubscribe
+      mandatory                 true/false: nobody may leave (no List-Unsubscribe,
+                                requests refused politely)
+      subscription_policy       open (join by mail, confirmed), approve (confirmed,
+                                then an owner approves) or closed (owners add members)
     Booleans take true/false, yes/no, on/off, 1/0.
 
     \b

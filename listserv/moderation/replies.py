@@ -30,6 +30,7 @@ from listserv.errors import InvalidInput
 from listserv.models import InboundMessage, InboundState, MailingList, PostState, TokenKind
 from listserv.moderation import holds, verdicts
 from listserv.pipeline.auth import Authenticator
+from listserv.subscriptions import confirm as subscriptions
 
 log = logging.getLogger("listserv.moderation")
 
@@ -176,7 +177,13 @@ def _process_one(
         )
         return 1
 
-    token = tokens.look_up(session, target.token or "", TokenKind.MODERATION)
+    any_kind = tokens.look_up(session, target.token or "")
+    if any_kind is not None and any_kind.kind in subscriptions.KINDS:
+        # a subscriber's confirmation or an owner's approval: subscriptions/ decides
+        return subscriptions.by_reply(
+            session, mlist, any_kind, rcpt, inbound, msg, now=now, authenticated=authenticated
+        )
+    token = any_kind if any_kind is not None and any_kind.kind is TokenKind.MODERATION else None
     if token is None or token.list_id != mlist.id or token.post_id is None:
         return refuse("the address does not belong to any held post of this list")
     candidates = [sender, *mail.addresses(msg, "From")]
