@@ -75,6 +75,11 @@ class Resolver:
         answer = self._resolve(name, dns.rdatatype.A)
         return None if answer is None else [rdata.to_text() for rdata in answer]
 
+    def answer(self, name: str, rdtype: str) -> dns.resolver.Answer | None:
+        """The answer (with its TTL) for any record type, e.g. "MX" or "PTR"; None when
+        the name or the record does not exist; DnsError when DNS failed."""
+        return self._resolve(name, dns.rdatatype.from_text(rdtype))
+
     def _resolve(self, name: str, rdtype: dns.rdatatype.RdataType) -> dns.resolver.Answer | None:
         if self._resolver is None:
             raise DnsError(self._problem)

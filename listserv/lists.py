@@ -27,10 +27,13 @@ from listserv.models import (
     ContentFilter,
     Delivery,
     DeliveryMode,
+    DmarcMitigateWhen,
+    DmarcMitigation,
     LinkPolicy,
     MailingList,
     Member,
     NonmemberAction,
+    OriginalFromIn,
     Post,
     PostingPolicy,
     PostState,
@@ -180,6 +183,10 @@ SETTINGS: dict[str, Setting] = {
     # $name, $address, $unsubscribe_url in a post's Subject and text filled per
     # recipient (distribute.merge); a post that uses one is sent personalized
     "merge_fields": Setting(_boolean, "true or false (yes/no, on/off, 1/0)", _yes_no),
+    # posts from domains publishing DMARC p=reject/quarantine (distribute.dmarc)
+    "dmarc_mitigation": _enum(DmarcMitigation),
+    "dmarc_mitigate_only_when": _enum(DmarcMitigateWhen),
+    "dmarc_original_from_in": _enum(OriginalFromIn),
 }
 LIMITS = {"subject_prefix": 100, "description": 255}
 ALIASES = {"policy": "posting_policy", "mode": "delivery_mode"}
