@@ -438,4 +438,3 @@ def test_dmarc_config_is_checked() -> None:
     assert s.dmarc.own_domains == ("example.edu",)
     with pytest.raises(ConfigError, match=r"\[dmarc\] own_domains"):
         config.from_dict({"dmarc": {"own_domains": ["jane@example.edu"]}})
-
