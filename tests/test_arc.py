@@ -18,7 +18,7 @@ from sink import Sink
 from listserv import mail
 from listserv.config import DnsSettings
 from listserv.db import Database
-from listserv.distribute import arc, dkim
+from listserv.distribute import arc, dkim, dmarc
 from listserv.dns import Resolver
 from listserv.models import PostingPolicy
 
@@ -51,6 +51,7 @@ def keys(tmp_path: Path) -> dict[str, dkim.SigningKey]:
 
 @pytest.fixture
 def dns_server(keys: dict[str, dkim.SigningKey]) -> Iterator[DnsServer]:
+    dmarc.policies_for.cache_clear()  # daemons' caches must not outlive this server's port
     with DnsServer() as server:
         for key in keys.values():
             server.txt[key.dns_name()] = [key.public_txt()]

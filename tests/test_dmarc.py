@@ -53,6 +53,7 @@ def post_text(sender: str = "Jane Doe <jane@reject.example>", subject: str = "Bu
 
 @pytest.fixture
 def dns_server() -> Iterator[DnsServer]:
+    dmarc.policies_for.cache_clear()  # daemons' caches must not outlive this server's port
     with DnsServer() as server:
         server.txt["_dmarc.reject.example"] = ["v=DMARC1; p=reject; rua=mailto:d@reject.example"]
         server.txt["_dmarc.quarantine.example"] = ["v=DMARC1; p=quarantine"]

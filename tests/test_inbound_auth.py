@@ -21,7 +21,7 @@ from sink import Sink
 from listserv import mail
 from listserv.config import AuthSettings, DnsSettings
 from listserv.db import Database
-from listserv.distribute import dkim
+from listserv.distribute import dkim, dmarc
 from listserv.dns import Resolver
 from listserv.models import InboundMessage, Post, PostingPolicy, PostState
 from listserv.pipeline import authresults, spf
@@ -59,6 +59,7 @@ def signed(raw: bytes, key: dkim.SigningKey) -> bytes:
 
 @pytest.fixture
 def dns_server(key: dkim.SigningKey) -> Iterator[DnsServer]:
+    dmarc.policies_for.cache_clear()  # daemons' caches must not outlive this server's port
     with DnsServer() as server:
         server.txt[key.dns_name()] = [key.public_txt()]
         server.txt["example.org"] = [f"v=spf1 ip4:{CLIENT} -all"]
@@ -123,6 +124,9 @@ def test_headers_claiming_our_authserv_id_are_removed_and_nothing_else_changes()
         b"Authentication-Results: (comment) lists.example.org;\r\n\tdmarc=pass header.from=x\r\n",
         b"",
     )
+    # a message that is all header (no blank line) loses the forgery too
+    head_only = b"From: jane@example.org\r\nAuthentication-Results: lists.example.org; x\r\n"
+    assert authresults.strip_forged(head_only, OURS) == b"From: jane@example.org\r\n"
     # a body line that looks like one is not a header
     body_only = post_text() + b"Authentication-Results: lists.example.org; none\r\n"
     assert authresults.strip_forged(body_only, OURS) == body_only

@@ -87,11 +87,12 @@ def strip_forged(raw: bytes, authserv_id: str) -> bytes:
 
 
 def _header_end(raw: bytes) -> int:
-    """Where the header section ends (the blank line starts there), or -1."""
+    """Where the header section ends (the blank line starts there); a message
+    without a blank line is all header."""
     if raw.startswith((b"\r\n", b"\n")):
         return 0
     ends = [i + 1 for i in (raw.find(b"\n\r\n"), raw.find(b"\n\n")) if i >= 0]
-    return min(ends) if ends else -1
+    return min(ends) if ends else len(raw)
 
 
 def _fields(head: bytes) -> list[bytes]:
