@@ -120,6 +120,12 @@ def null_dns() -> Iterator[DnsServer]:
         os.environ["LISTSERV_DNS_NAMESERVERS"] = before
 
 
+def null_dns_address() -> str:
+    """The `[dns] nameservers` entry of the empty loopback DNS server, for config files."""
+    assert _NULL_DNS is not None
+    return _NULL_DNS.address
+
+
 def settings_for(db_url: str, sink_port: int, tmp_path: Path, **overrides: Any) -> Settings:
     data: dict[str, dict[str, Any]] = {
         "server": {"host": "127.0.0.1", "port": 0, "hostname": "lists.example.org"},
