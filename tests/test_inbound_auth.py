@@ -18,11 +18,12 @@ from conftest import make_list, message
 from dnsserver import DnsServer
 from sink import Sink
 
-from listserv import mail
+from listserv import config, mail
 from listserv.config import AuthSettings, DnsSettings
 from listserv.db import Database
 from listserv.distribute import dkim, dmarc
 from listserv.dns import Resolver
+from listserv.errors import ConfigError
 from listserv.models import InboundMessage, Post, PostingPolicy, PostState
 from listserv.pipeline import authresults, spf
 from listserv.pipeline.auth import Authenticator
@@ -273,3 +274,12 @@ async def test_daemon_replaces_forged_results_and_members_see_ours(
     [value] = ours(sink.received[0].data)
     assert value.startswith("lists.example.org; dkim=none;")
     assert "dmarc=fail (p=reject) header.from=example.org" in value  # loopback: no SPF
+
+
+def test_authserv_id_defaults_to_the_host_name_and_is_checked() -> None:
+    settings = config.from_dict({"server": {"hostname": "mx.lists.example.org"}})
+    assert Authenticator.from_settings(settings).authserv_id == "mx.lists.example.org"
+    named = config.from_dict({"auth": {"authserv_id": "auth.example.org"}})
+    assert Authenticator.from_settings(named).authserv_id == "auth.example.org"
+    with pytest.raises(ConfigError, match=r"\[auth\] authserv_id"):
+        config.from_dict({"auth": {"authserv_id": "two words"}})
