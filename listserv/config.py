@@ -115,6 +115,26 @@ class AuthSettings:
     #: authserv-ids (RFC 8601) of the MTAs in front of us whose Authentication-Results
     #: we believe; each of them must remove such headers with its id from incoming mail
     trusted_authserv_ids: tuple[str, ...] = ()
+    #: our own authserv-id in the Authentication-Results header added to incoming posts
+    #: (empty: [server] hostname); incoming headers claiming it are removed as forged
+    authserv_id: str = ""
+    #: check incoming posts (DKIM, SPF with the client's IP, DMARC) and add our
+    #: Authentication-Results header before the rules run
+    inbound_results: bool = True
+    #: check SPF for the SMTP client's address (skipped for loopback clients: that is
+    #: the MTA in front of us, whose own checks count)
+    spf: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class DmarcSettings:
+    """DMARC mitigation of posts (distribute/dmarc.py); the per-list choice is a list setting."""
+
+    #: the site's own sender domains: posts from them are never rewritten when the
+    #: list's DKIM domain is aligned with them (no DNS look-up either)
+    own_domains: tuple[str, ...] = ()
+    #: DMARC policies kept (each for its TTL) by a process
+    cache_size: int = 10000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -241,6 +261,7 @@ class Settings:
     http: HttpSettings = field(default_factory=HttpSettings)
     dns: DnsSettings = field(default_factory=DnsSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
+    dmarc: DmarcSettings = field(default_factory=DmarcSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     policy: PolicySettings = field(default_factory=PolicySettings)
     throttle: ThrottleSettings = field(default_factory=ThrottleSettings)
@@ -506,6 +527,16 @@ def _validate_dns_auth(s: Settings) -> None:
             raise ConfigError(
                 f"{s.source}: [dns] outbound_ips: {ip!r} is not an IP address or network"
             ) from None
+    if s.auth.authserv_id and not _authserv_id_ok(s.auth.authserv_id):
+        raise ConfigError(
+            f"{s.source}: [auth] authserv_id: {s.auth.authserv_id!r} is not an authserv-id"
+            " (e.g. this server's host name)"
+        )
+    if s.dmarc.cache_size < 0:
+        raise ConfigError(f"{s.source}: [dmarc] cache_size: must not be negative")
+    for domain in s.dmarc.own_domains:
+        if not domain.strip() or "@" in domain or any(c.isspace() for c in domain.strip()):
+            raise ConfigError(f"{s.source}: [dmarc] own_domains: {domain!r} is not a domain")
     for authserv_id in s.auth.trusted_authserv_ids:
         # RFC 8601 §2.2: authserv-id is a value (token or quoted-string); we accept the
         # host-name-like ids MTAs use, so a typo cannot silently trust nothing or anything.
@@ -518,6 +549,10 @@ def _validate_dns_auth(s: Settings) -> None:
                 f"{s.source}: [auth] trusted_authserv_ids: {authserv_id!r} is not an authserv-id"
                 " (e.g. the MTA's host name, as it writes it in Authentication-Results)"
             )
+
+
+def _authserv_id_ok(value: str) -> bool:
+    return value.isascii() and not any(c.isspace() or c in ';()"\\=' for c in value)
 
 
 def parse_nameserver(value: str) -> tuple[str, int]:

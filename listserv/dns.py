@@ -95,6 +95,11 @@ class Resolver:
         ]
         return sorted(found)
 
+    def answer(self, name: str, rdtype: str) -> dns.resolver.Answer | None:
+        """The answer (with its TTL) for any record type, e.g. "MX" or "PTR"; None when
+        the name or the record does not exist; DnsError when DNS failed."""
+        return self._resolve(name, dns.rdatatype.from_text(rdtype))
+
     def _resolve(self, name: str, rdtype: dns.rdatatype.RdataType) -> dns.resolver.Answer | None:
         if self._resolver is None:
             raise DnsError(self._problem)

@@ -27,10 +27,13 @@ from listserv.models import (
     ContentFilter,
     Delivery,
     DeliveryMode,
+    DmarcMitigateWhen,
+    DmarcMitigation,
     LinkPolicy,
     MailingList,
     Member,
     NonmemberAction,
+    OriginalFromIn,
     Post,
     PostingPolicy,
     PostState,
@@ -220,6 +223,10 @@ SETTINGS: dict[str, Setting] = {
     ),
     # who may join by mail: open (confirmation), approve (and an owner), closed (nobody)
     "subscription_policy": _enum(SubscriptionPolicy),
+    # posts from domains publishing DMARC p=reject/quarantine (distribute.dmarc)
+    "dmarc_mitigation": _enum(DmarcMitigation),
+    "dmarc_mitigate_only_when": _enum(DmarcMitigateWhen),
+    "dmarc_original_from_in": _enum(OriginalFromIn),
 }
 LIMITS = {"subject_prefix": 100, "description": 255}
 ALIASES = {

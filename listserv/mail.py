@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import email.policy
 from email.message import EmailMessage
-from email.parser import BytesParser
+from email.parser import BytesHeaderParser, BytesParser
 from email.utils import getaddresses
 
 #: CRLF line endings (what SMTP and DKIM need), keeping the source folding intact.
@@ -20,6 +20,13 @@ POLICY_UTF8 = email.policy.SMTPUTF8.clone(refold_source="none")
 
 def parse(raw: bytes) -> EmailMessage:
     msg = BytesParser(policy=POLICY).parsebytes(raw)
+    assert isinstance(msg, EmailMessage)
+    return msg
+
+
+def parse_headers(raw: bytes) -> EmailMessage:
+    """The header section only (the body is left unparsed): cheap on a large post."""
+    msg = BytesHeaderParser(policy=POLICY).parsebytes(raw)
     assert isinstance(msg, EmailMessage)
     return msg
 

@@ -128,6 +128,26 @@ class SubscriptionPolicy(enum.StrEnum):
     CLOSED = "closed"  # no self-subscription: the CLI and sync only
 
 
+class DmarcMitigation(enum.StrEnum):
+    """What a post from a domain whose DMARC policy it would fail becomes (distribute/dmarc.py)."""
+
+    MUNGE_FROM = "munge_from"  # From: "Jane Doe via staff" <staff@...>, Jane in Reply-To/Cc
+    WRAP_MESSAGE = "wrap_message"  # a message from the list with the post attached
+    NONE = "none"  # sent as it is (receivers may reject or junk it)
+
+
+class DmarcMitigateWhen(enum.StrEnum):
+    REJECT_QUARANTINE = "reject_quarantine"  # the From domain publishes p=reject/quarantine
+    ALWAYS = "always"  # every post (but the site's own aligned domains)
+
+
+class OriginalFromIn(enum.StrEnum):
+    """Where a munged post's original From: address goes, so replies can reach the author."""
+
+    REPLY_TO = "reply_to"
+    CC = "cc"
+
+
 class BounceKind(enum.StrEnum):
     PERMANENT = "permanent"
     TEMPORARY = "temporary"
@@ -146,12 +166,12 @@ class RecipientState(enum.StrEnum):
     FAILED = "failed"  # 5xx, or gave up
 
 
-def _enum(cls: type[enum.Enum]) -> sa.Enum:
+def _enum(cls: type[enum.Enum], length: int = 16) -> sa.Enum:
     return sa.Enum(
         cls,
         native_enum=False,
         create_constraint=True,
-        length=16,
+        length=length,
         values_callable=lambda e: [m.value for m in e],
         validate_strings=True,
     )
@@ -190,6 +210,9 @@ class Base(DeclarativeBase):
         BounceKind: _enum(BounceKind),
         BatchState: _enum(BatchState),
         RecipientState: _enum(RecipientState),
+        DmarcMitigation: _enum(DmarcMitigation),
+        DmarcMitigateWhen: _enum(DmarcMitigateWhen, length=24),
+        OriginalFromIn: _enum(OriginalFromIn),
     }
 
 
@@ -242,6 +265,17 @@ class MailingList(Base):
     report_to_owners: Mapped[bool] = mapped_column(default=False, server_default=sa.false())
     #: hours after the report in which bounces are counted for a follow-up (0: none)
     report_window_hours: Mapped[int] = mapped_column(default=24, server_default="24")
+    # -- deliverability (the deliverability issue) --
+    dmarc_mitigation: Mapped[DmarcMitigation] = mapped_column(
+        default=DmarcMitigation.MUNGE_FROM, server_default=DmarcMitigation.MUNGE_FROM.value
+    )
+    dmarc_mitigate_only_when: Mapped[DmarcMitigateWhen] = mapped_column(
+        default=DmarcMitigateWhen.REJECT_QUARANTINE,
+        server_default=DmarcMitigateWhen.REJECT_QUARANTINE.value,
+    )
+    dmarc_original_from_in: Mapped[OriginalFromIn] = mapped_column(
+        default=OriginalFromIn.REPLY_TO, server_default=OriginalFromIn.REPLY_TO.value
+    )
     last_reminder_at: Mapped[datetime | None] = mapped_column(default=None)
     # -- bounces (the bounces issue; bounces/score.py) --
     #: a member whose score reaches this has delivery disabled

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from dnsserver import DnsServer
 from sink import Sink
 from sqlalchemy.engine import make_url
 
@@ -99,6 +100,32 @@ def make_list(
         return mlist.address
 
 
+#: An empty DNS server on loopback (NXDOMAIN for every name) that daemons started
+#: by tests ask unless told otherwise: DMARC and SPF look-ups never leave the host.
+_NULL_DNS: DnsServer | None = None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def null_dns() -> Iterator[DnsServer]:
+    global _NULL_DNS
+    before = os.environ.get("LISTSERV_DNS_NAMESERVERS")
+    with DnsServer() as server:
+        _NULL_DNS = server
+        os.environ["LISTSERV_DNS_NAMESERVERS"] = server.address  # `listserv serve` children
+        yield server
+    _NULL_DNS = None
+    if before is None:
+        os.environ.pop("LISTSERV_DNS_NAMESERVERS", None)
+    else:
+        os.environ["LISTSERV_DNS_NAMESERVERS"] = before
+
+
+def null_dns_address() -> str:
+    """The `[dns] nameservers` entry of the empty loopback DNS server, for config files."""
+    assert _NULL_DNS is not None
+    return _NULL_DNS.address
+
+
 def settings_for(db_url: str, sink_port: int, tmp_path: Path, **overrides: Any) -> Settings:
     data: dict[str, dict[str, Any]] = {
         "server": {"host": "127.0.0.1", "port": 0, "hostname": "lists.example.org"},
@@ -116,6 +143,8 @@ def settings_for(db_url: str, sink_port: int, tmp_path: Path, **overrides: Any) 
         "dkim": {"keys_dir": str(tmp_path / "dkim")},
         "http": {"host": "127.0.0.1", "port": 0},
     }
+    if _NULL_DNS is not None:
+        data["dns"] = {"nameservers": [_NULL_DNS.address]}
     for key, value in overrides.items():
         section, _, name = key.partition("__")
         data.setdefault(section, {})[name] = value

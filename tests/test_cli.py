@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from conftest import null_dns_address
 
 from listserv.cli import cli
 from listserv.errors import NotFound
@@ -47,6 +48,8 @@ def write_config(tmp_path: Path, extra: str = "") -> Path:
         url = "sqlite:///{tmp_path}/db.sqlite"
         [dkim]
         keys_dir = "{tmp_path}/dkim"
+        [dns]
+        nameservers = ["{null_dns_address()}"]
     """
     path.write_text(textwrap.dedent(text) + textwrap.dedent(extra), encoding="utf-8")
     return path

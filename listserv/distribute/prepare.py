@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,16 +24,20 @@ from listserv import addresses, mail, sitesecret, unsubscribe_links
 from listserv.addresses import Kind
 from listserv.config import Settings
 from listserv.db import Database
-from listserv.distribute import convert, decorate, dkim, merge, posts
+from listserv.distribute import arc, convert, decorate, dkim, dmarc, merge, posts
 from listserv.errors import ListservError
 from listserv.models import (
     Audience,
     ContentFilter,
     DeliveryMode,
+    DmarcMitigateWhen,
+    DmarcMitigation,
     InboundMessage,
     MailingList,
+    OriginalFromIn,
     Post,
 )
+from listserv.pipeline import authresults
 
 log = logging.getLogger("listserv.prepare")
 
@@ -63,6 +67,12 @@ class ListView:
     unsubscribe_base: str = ""
     #: each copy's List-Unsubscribe carries its https link, with List-Unsubscribe-Post
     one_click: bool = False
+    #: DMARC mitigation (distribute.dmarc): the list's settings, and what this post
+    #: got, decided once when it was prepared (absent from older snapshots: none)
+    dmarc_mitigation: str = DmarcMitigation.NONE.value
+    dmarc_mitigate_only_when: str = DmarcMitigateWhen.REJECT_QUARANTINE.value
+    dmarc_original_from_in: str = OriginalFromIn.REPLY_TO.value
+    dmarc_action: str = DmarcMitigation.NONE.value
 
     @classmethod
     def of(cls, mlist: MailingList, unsubscribe_base: str = "") -> ListView:
@@ -83,6 +93,9 @@ class ListView:
             mandatory=mlist.mandatory,
             unsubscribe_base=unsubscribe_base,
             one_click=one_click,
+            dmarc_mitigation=mlist.dmarc_mitigation.value,
+            dmarc_mitigate_only_when=mlist.dmarc_mitigate_only_when.value,
+            dmarc_original_from_in=mlist.dmarc_original_from_in.value,
         )
 
     def address(self, kind: Kind = Kind.POST) -> str:
@@ -136,11 +149,25 @@ def footer_text(view: ListView, recipient: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render(raw: bytes, view: ListView, signer: dkim.Signer | None) -> bytes:
-    """The message as it leaves: list headers, prefix, footer (shared mode), signature."""
+def render(
+    raw: bytes,
+    view: ListView,
+    signer: dkim.Signer | None,
+    seal: Callable[[bytes], bytes] | None = None,
+) -> bytes:
+    """The message as it leaves: DMARC mitigation, list headers, prefix, footer (shared
+    mode), signature, and the ARC `seal` when it arrived signed (shared mode)."""
     msg = mail.parse(raw)
     if view.to_plain_text:
         msg = convert.to_plain_text(msg)
+    sealing = seal is not None and arc.wanted(msg)
+    msg = dmarc.apply(
+        msg,
+        DmarcMitigation(view.dmarc_action),
+        list_name=view.name,
+        list_address=view.address(),
+        original_from_in=OriginalFromIn(view.dmarc_original_from_in),
+    )
     decorate.strip_signatures(msg)
     decorate.add_list_headers(msg, list_headers(view))
     if view.subject_prefix:
@@ -149,7 +176,8 @@ def render(raw: bytes, view: ListView, signer: dkim.Signer | None) -> bytes:
         return mail.to_bytes(msg)  # footer and signature per recipient
     msg = decorate.add_footer(msg, footer_text(view))
     data = mail.to_bytes(msg)
-    return signer.sign(data) if signer else data
+    data = signer.sign(data) if signer else data
+    return seal(data) if seal is not None and sealing else data
 
 
 #: Stands for the recipient in a footer rendered once per batch (ASCII letters,
@@ -409,6 +437,32 @@ def signing_selectors(keys_dir: Path, domain: str) -> list[str]:
     return [key.selector for key in dkim.active_keys(keys_dir, domain)]
 
 
+def mitigate(
+    view: ListView, raw: bytes, settings: Settings, *, signed: bool, post_id: int = 0
+) -> ListView:
+    """`view` with this post's DMARC action decided (DNS: call in a thread), once per
+    post: the snapshot keeps it, and the stored rendering is what every retry sends."""
+    head = mail.parse_headers(raw)
+    decision = dmarc.decide(
+        dmarc.from_domains(head),
+        list_domain=view.domain,
+        mitigation=DmarcMitigation(view.dmarc_mitigation),
+        when=DmarcMitigateWhen(view.dmarc_mitigate_only_when),
+        own_domains=settings.dmarc.own_domains,
+        policies=dmarc.policies_for(settings.dns, settings.dmarc),
+        signed=signed,
+    )
+    if decision.action is not DmarcMitigation.NONE:
+        log.info(
+            "post %d to %s: %s, %s",
+            post_id,
+            view.address(),
+            decision.action.value,
+            decision.reason,
+        )
+    return dataclasses.replace(view, dmarc_action=decision.action.value)
+
+
 def queue_post(db: Database, settings: Settings, post_id: int) -> int | None:
     """Prepare one accepted post and snapshot its recipients; returns the batch count.
 
@@ -439,11 +493,15 @@ def queue_post(db: Database, settings: Settings, post_id: int) -> int | None:
         elif audience is Audience.NOTICE:
             signer = signer_for(settings.keys_dir, view.domain)
             prepared = signer.sign(raw) if signer else raw
-        elif (merged := merged_template(raw, view, audience)) is not None:
-            prepared = merged
-            view = dataclasses.replace(view, delivery_mode=DeliveryMode.PERSONALIZED)
         else:
-            prepared = render(raw, view, signer_for(settings.keys_dir, view.domain))
+            signer = signer_for(settings.keys_dir, view.domain)
+            view = mitigate(view, raw, settings, signed=signer is not None, post_id=post_id)
+            if (merged := merged_template(raw, view, audience)) is not None:
+                prepared = merged
+                view = dataclasses.replace(view, delivery_mode=DeliveryMode.PERSONALIZED)
+            else:
+                seal = arc.sealer(signer, authresults.authserv_id(settings))
+                prepared = render(raw, view, signer, seal)
         snapshot = view.snapshot()
         if audience is Audience.MEMBERS and view.delivery_mode is DeliveryMode.PERSONALIZED:
             snapshot[SELECTORS_KEY] = signing_selectors(settings.keys_dir, view.domain)

@@ -33,7 +33,7 @@ import logging
 from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass, field
 from email.message import EmailMessage
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import authres
 import dkim
@@ -46,6 +46,9 @@ from listserv import addresses, mail
 from listserv.config import AuthSettings, Settings
 from listserv.dns import DnsError, Resolver
 from listserv.errors import InvalidAddress
+
+if TYPE_CHECKING:
+    from listserv.distribute.dmarc import Policies
 
 log = logging.getLogger(__name__)
 
@@ -348,13 +351,33 @@ class Authenticator:
     thread, outside any database transaction: a DNS timeout must not hold a lock.
     """
 
-    def __init__(self, settings: AuthSettings, resolver: Resolver) -> None:
+    def __init__(
+        self,
+        settings: AuthSettings,
+        resolver: Resolver,
+        *,
+        authserv_id: str = "",
+        policies: Policies | None = None,
+    ) -> None:
         self.settings = settings
         self.resolver = resolver
+        #: ours in the Authentication-Results header of incoming posts (pipeline.authresults)
+        self.authserv_id = authserv_id or settings.authserv_id or "localhost"
+        #: DMARC policies, shared with the mitigation of outgoing posts
+        self.policies = policies
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Authenticator:
-        return cls(settings.auth, Resolver.from_settings(settings.dns))
+        # imported here: distribute.dmarc uses this module's organizational_domain
+        from listserv.distribute import dmarc
+
+        policies = dmarc.policies_for(settings.dns, settings.dmarc)
+        return cls(
+            settings.auth,
+            policies.resolver,
+            authserv_id=settings.auth.authserv_id or settings.server.hostname,
+            policies=policies,
+        )
 
     def check(self, raw: bytes, msg: EmailMessage) -> AuthResult:
         return check(raw, msg, settings=self.settings, resolver=self.resolver)

@@ -109,6 +109,7 @@ class InboundHandler:
             rcpt_tos=tuple(envelope.rcpt_tos),
             content=content,
             peer=_peer(session),
+            helo=str(session.host_name or ""),
             targets=tuple(_targets(envelope)),
         )
         log.debug(

@@ -10,6 +10,7 @@ and the decisions (with their audit entries) in one transaction *before* the
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from listserv.models import (
     PostState,
     Role,
 )
+from listserv.pipeline import authresults
 from listserv.pipeline.auth import Authenticator
 from listserv.pipeline.context import SEVERITY, PostContext, Standing
 from listserv.pipeline.decide import decide
@@ -49,6 +51,8 @@ class Envelope:
     rcpt_tos: tuple[str, ...]
     content: bytes
     peer: str = ""
+    #: the client's HELO/EHLO name (SPF for the null sender)
+    helo: str = ""
     #: what RCPT already resolved, one per rcpt_tos entry (else resolved here)
     targets: tuple[ListAddress, ...] = ()
 
@@ -138,17 +142,42 @@ def _receive(
     now: datetime,
     authenticator: Authenticator | None,
 ) -> Outcome:
-    msg = mail.parse(envelope.content)
+    # our Authentication-Results on posts (pipeline.authresults): forged ones go first
+    checking = bool(
+        targets.get(Kind.POST) and authenticator and authenticator.settings.inbound_results
+    )
+    stored = envelope
+    if checking and authenticator is not None:
+        stored = dataclasses.replace(
+            envelope,
+            content=authresults.strip_forged(envelope.content, authenticator.authserv_id),
+        )
+    msg = mail.parse(stored.content)
+    checking = checking and bool(msg.keys())  # no header section: refused as it is
     decisions: list[tuple[MailingList, PostContext, Decision]] = []
     refusal: tuple[MailingList, PostContext, Decision] | None = None
     if targets.get(Kind.POST):
         with db.reading() as session:
             found = (lists.get(session, t.list_address) for t in dict.fromkeys(targets[Kind.POST]))
             mlists = list({m.id: m for m in found}.values())
-            # DKIM and DNS work only for a list that believes authenticated senders only:
-            # a slow resolver must not slow every post (a read transaction blocks nobody)
+            # DKIM and DNS work only for a list that believes authenticated senders only,
+            # or to write our header: cached by TTL (a read transaction blocks nobody)
             authenticated: frozenset[str] = frozenset()
-            if any(m.require_authenticated_sender for m in mlists):
+            if checking and authenticator is not None:
+                inbound = authresults.check(
+                    stored.content,
+                    msg,
+                    authenticator=authenticator,
+                    peer=envelope.peer,
+                    mail_from=envelope.mail_from,
+                    helo=envelope.helo,
+                )
+                authenticated = inbound.domains
+                stored = dataclasses.replace(
+                    stored, content=authresults.prepend(stored.content, inbound.value)
+                )
+                msg.set_raw("Authentication-Results", inbound.value)  # for the rules
+            elif any(m.require_authenticated_sender for m in mlists):
                 authenticated = _authenticated(envelope, msg, authenticator)
             # a post to several lists is judged on the union of their recipients; the
             # count scans every member, so only when some list has a threshold
@@ -184,7 +213,7 @@ def _receive(
         return Outcome(decision.reply or replies.NOT_ALLOWED)
 
     with db.session() as session:  # durable: committed before the 250
-        return _store(session, envelope, targets, decisions, msg)
+        return _store(session, stored, targets, decisions, msg)
 
 
 def _store(

@@ -1,7 +1,7 @@
 """delivery reports: list settings, and on each post when its report and follow-up went
 
 Revision ID: 0009
-Revises: 0007
+Revises: 0008
 Create Date: 2026-11-24 03:33:32.074795
 """
 
