@@ -46,6 +46,18 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def loopback_dns() -> str:
+    """Start an empty DNS server on 127.0.0.1 (tests/dnsserver.py) for the daemon's
+    `[dns] nameservers`: DMARC and SPF look-ups answer NXDOMAIN at once, and no
+    benchmark ever asks a resolver off this machine. Returns its HOST:PORT."""
+    sys.path.insert(0, str(ROOT))
+    from tests.dnsserver import DnsServer
+
+    return DnsServer().start().address
+
+
 SINK = ROOT / "tests" / "sink.py"
 LISTSERV = [sys.executable, "-m", "listserv.cli"]
 LIST = "all@lists.example.org"
@@ -273,9 +285,11 @@ def main() -> None:
         f'[delivery]\nhost = "127.0.0.1"\nport = {sink.port}\n'
         f"max_connections = {args.connections}\nmax_recipients_per_message = {args.batch}\n"
         "poll_interval = 0.5\n"
+        "reports = false\n"  # the poster's delivery report is not part of the fan-out
         f"mix_domains = {'true' if args.mix_domains else 'false'}\n"
         f'[dkim]\nkeys_dir = "{work}/dkim"\n'
         f"[http]\nenabled = false\n{public}"
+        f'[dns]\nnameservers = ["{loopback_dns()}"]\n'
         '[logging]\nlevel = "WARNING"\n'
     )
     env = dict(os.environ, LISTSERV_CONFIG=str(config))

@@ -24,7 +24,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_fanout import LISTSERV, SinkProcess, free_port, post_message, run, wait_port
+from bench_fanout import (
+    LISTSERV,
+    SinkProcess,
+    free_port,
+    loopback_dns,
+    post_message,
+    run,
+    wait_port,
+)
 
 SMALL = "small@lists.example.org"
 BIG = "big@lists.example.org"
@@ -104,8 +112,9 @@ def main() -> None:
         f'[server]\nhost = "127.0.0.1"\nport = {smtp_port}\nhostname = "lists.example.org"\n'
         "max_connections = 500\nmax_connections_per_ip = 500\n"
         f'[database]\nurl = "{db_url}"\n'
-        f'[delivery]\nhost = "127.0.0.1"\nport = {sink.port}\npoll_interval = 0.5\n'
+        f'[delivery]\nhost = "127.0.0.1"\nport = {sink.port}\npoll_interval = 0.5\nreports = false\n'
         f'[dkim]\nkeys_dir = "{work}/dkim"\n[http]\nenabled = false\n'
+        f'[dns]\nnameservers = ["{loopback_dns()}"]\n'
         '[logging]\nlevel = "WARNING"\n'
     )
     env = dict(os.environ, LISTSERV_CONFIG=str(config))
