@@ -112,7 +112,8 @@ def main() -> None:
         f'[server]\nhost = "127.0.0.1"\nport = {smtp_port}\nhostname = "lists.example.org"\n'
         "max_connections = 500\nmax_connections_per_ip = 500\n"
         f'[database]\nurl = "{db_url}"\n'
-        f'[delivery]\nhost = "127.0.0.1"\nport = {sink.port}\npoll_interval = 0.5\nreports = false\n'
+        f'[delivery]\nhost = "127.0.0.1"\nport = {sink.port}\npoll_interval = 0.5\n'
+        "reports = false\n"
         f'[dkim]\nkeys_dir = "{work}/dkim"\n[http]\nenabled = false\n'
         f'[dns]\nnameservers = ["{loopback_dns()}"]\n'
         '[logging]\nlevel = "WARNING"\n'
