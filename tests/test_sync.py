@@ -510,10 +510,17 @@ def test_cli_sync_from_sql(db: Database, cli_config: Path, tmp_path: Path) -> No
 
 
 def test_cli_sync_check_mx_uses_the_configured_resolver(
-    db: Database, cli_config: Path, tmp_path: Path, dns_server: DnsServer
+    db: Database,
+    cli_config: Path,
+    tmp_path: Path,
+    dns_server: DnsServer,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     with cli_config.open("a", encoding="utf-8") as f:
         f.write(f'[dns]\nnameservers = ["{dns_server.address}"]\n')
+    # the suite's empty loopback DNS server is set in the environment for `serve`
+    # children, and the environment overrides the file: this test's server wins only so
+    monkeypatch.delenv("LISTSERV_DNS_NAMESERVERS", raising=False)
     path = write_csv(tmp_path / "a.csv", "ann@mx.example", "bob@null.example")
     result = invoke(cli_config, "members", "sync", LIST, "--from", str(path), "--check-mx")
     assert result.exit_code == 0, result.output
