@@ -120,6 +120,8 @@ class Daemon:
                         wake=self._posts_waiting,
                         stop=self._stop,
                         on_queued=on_queued,
+                        worker=self.worker,
+                        liveness=liveness,
                     )
                 )
                 if self.workers is None:
