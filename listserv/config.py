@@ -75,6 +75,8 @@ class DeliverySettings:
     poll_interval: float = 1.0
     workers: int = 0  # delivery processes beside the listener (0: in its own process)
     mix_domains: bool = False  # batches across domains: the smarthost is an MTA
+    #: members written per snapshot transaction: the first batches go out after one
+    snapshot_chunk: int = 5000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -366,6 +368,7 @@ def _validate(s: Settings) -> None:
     positive("delivery", "max_connections", s.delivery.max_connections)
     positive("delivery", "timeout", s.delivery.timeout)
     positive("delivery", "lease_seconds", s.delivery.lease_seconds)
+    positive("delivery", "snapshot_chunk", s.delivery.snapshot_chunk)
     positive("delivery", "poll_interval", s.delivery.poll_interval)
     if not 0 <= s.delivery.workers <= 64:
         raise ConfigError(f"{s.source}: [delivery] workers: must be 0..64")

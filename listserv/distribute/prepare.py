@@ -402,6 +402,7 @@ def start_post(db: Database, settings: Settings, post_id: int, *, worker: str) -
                 lease=timedelta(seconds=settings_d.lease_seconds),
                 max_per_batch=settings_d.max_recipients_per_message,
                 mix_domains=settings_d.mix_domains,
+                rows=settings_d.snapshot_chunk,
                 skip=skip,
             )
             queued = Queued(
@@ -448,6 +449,7 @@ def continue_post(
             lease=timedelta(seconds=settings.delivery.lease_seconds),
             max_per_batch=settings.delivery.max_recipients_per_message,
             mix_domains=settings.delivery.mix_domains,
+            rows=settings.delivery.snapshot_chunk,
             skip=skip,
         )
 
