@@ -38,7 +38,7 @@ MAX_BYTES = 64 << 20
 #: loads it again)
 IDLE = 30.0
 #: letting go of this many bytes at once is worth giving memory back to the system
-TRIM_AFTER = 4 << 20
+TRIM_AFTER = 1 << 20
 
 
 Key = tuple[int, datetime | None]
