@@ -78,6 +78,8 @@ class DeliverySettings:
     mix_domains: bool = False  # batches across domains: the smarthost is an MTA
     #: false: this daemon sends no delivery reports (reports.py), whatever the lists say
     reports: bool = True
+    #: members written per snapshot transaction: the first batches go out after one
+    snapshot_chunk: int = 5000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -465,6 +467,7 @@ def _validate(s: Settings) -> None:
     positive("delivery", "max_connections", s.delivery.max_connections)
     positive("delivery", "timeout", s.delivery.timeout)
     positive("delivery", "lease_seconds", s.delivery.lease_seconds)
+    positive("delivery", "snapshot_chunk", s.delivery.snapshot_chunk)
     positive("delivery", "poll_interval", s.delivery.poll_interval)
     if not 0 <= s.delivery.workers <= 64:
         raise ConfigError(f"{s.source}: [delivery] workers: must be 0..64")

@@ -18,7 +18,7 @@ from typing import Literal
 
 from aiohttp import web
 
-from listserv import http, reports, sync
+from listserv import http, memory, reports, sync
 from listserv.bounces import task as bounce_task
 from listserv.config import Settings
 from listserv.db import Database
@@ -62,11 +62,14 @@ class Daemon:
         self.worker = worker_id(f"d{secrets.token_hex(3)}")
         self._stop = asyncio.Event()
         self._posts_waiting = asyncio.Event()
+        #: this process's delivery engine, once running (tests look at its cache)
+        self.engine: DeliveryEngine | None = None
 
     def stop(self) -> None:
         self._stop.set()
 
     async def run(self) -> None:
+        memory.configure()  # large posts' memory goes back to the system when freed
         await asyncio.to_thread(self.db.check_ready)
         liveness = Liveness(self.db)
         await asyncio.to_thread(liveness.hold, self.worker)
@@ -80,6 +83,7 @@ class Daemon:
     async def _run(self, liveness: Liveness) -> None:
         s = self.settings
         engine = DeliveryEngine(self.db, s, worker=self.worker, liveness=liveness, stop=self._stop)
+        self.engine = engine
         if self.role == "delivery":
             await self._deliver_only(engine)
             return
@@ -122,6 +126,8 @@ class Daemon:
                         wake=self._posts_waiting,
                         stop=self._stop,
                         on_queued=on_queued,
+                        worker=self.worker,
+                        liveness=liveness,
                     )
                 )
                 if self.workers is None:

@@ -13,7 +13,10 @@ from typing import Annotated, Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import GenericFunction
 
 
 def utcnow() -> datetime:
@@ -38,6 +41,26 @@ class UTCDateTime(sa.TypeDecorator[datetime]):
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class email_domain(GenericFunction[str]):  # an SQL function, named as in SQL
+    """The part of an address after its '@', in SQL: `split_part` on PostgreSQL,
+    `substr`/`instr` on SQLite. One construct, so the snapshot's queries and its
+    index (`ix_members_snapshot`) are the same expression and the index is used."""
+
+    type = sa.String()
+    inherit_cache = True
+
+
+@compiles(email_domain, "postgresql")
+def _email_domain_pg(element: email_domain, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"split_part({compiler.process(element.clauses, **kw)}, '@', 2)"
+
+
+@compiles(email_domain)
+def _email_domain_sqlite(element: email_domain, compiler: SQLCompiler, **kw: Any) -> str:
+    address = compiler.process(element.clauses, **kw)
+    return f"substr({address}, instr({address}, '@') + 1)"
 
 
 class PostingPolicy(enum.StrEnum):
@@ -311,6 +334,15 @@ class Member(Base):
         sa.Index("ix_members_list_role", "list_id", "role"),
         #: the bounce task finds the members disabled for bounces without a scan
         sa.Index("ix_members_disabled_reason", "disabled_reason"),
+        # the snapshot reads a list's members in domain order a chunk at a time,
+        # after a cursor (distribute/posts.py): without it every chunk sorts the list
+        sa.Index(
+            "ix_members_snapshot",
+            "list_id",
+            "role",
+            sa.func.lower(email_domain(sa.literal_column("address"))),
+            sa.func.lower(sa.literal_column("address")),
+        ),
         NO_REUSE,
     )
 
@@ -459,6 +491,15 @@ class Post(Base):
     followup_due_at: Mapped[datetime | None] = mapped_column(default=None)
     #: when a follow-up report was queued (None: none, or no bounce in the window)
     followup_sent_at: Mapped[datetime | None] = mapped_column(default=None)
+    # -- the recipients' snapshot, written in committed chunks (distribute/posts.py) --
+    #: true while it is being written: batches written so far go out, the post is not
+    #: finished and `recipient_count` is not final
+    snapshotting: Mapped[bool] = mapped_column(default=False, server_default=sa.false())
+    #: the last member address (lower-cased) the snapshot has written: where it resumes
+    snapshot_after: Mapped[str | None] = mapped_column(sa.String(320), default=None)
+    #: the worker writing it, and until when (database clock) it may: a claim
+    snapshot_owner: Mapped[str | None] = mapped_column(sa.String(200), default=None)
+    snapshot_expires_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class DeliveryBatch(Base):

@@ -364,6 +364,8 @@ def main() -> None:
     print(f"post state:         {state}")
     print(f"sink:               {kind}")
     print(f"received at sink:   {arrived}")
+    if kind == "python":  # issue 15: the first recipient within 2 s of the 250
+        print(f"250 -> first rcpt:  {float(counts['first']) - accepted_at:.2f} s")
     print(f"250 -> last rcpt:   {elapsed:.2f} s")
     print(f"throughput:         {args.members / elapsed:,.0f} recipients/s")
     print(f"daemon peak RSS:    {', '.join(f'{r:.1f}' for r in rss)} MiB (per process)")

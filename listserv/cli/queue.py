@@ -104,6 +104,8 @@ def _echo_json(posts: list[PostStatus], domains: list[Bucket], inbound: dict[str
                 "state": p.state.value,
                 "paused": p.paused,
                 "recipients": p.recipients,
+                # false while the snapshot is written: `recipients` is a running total
+                "recipients_final": not p.snapshotting,
                 **{key: p.counts.get(key, 0) for key in COUNTS},
                 "next_attempt": _iso(p.next_attempt_at),
                 "subject": p.subject,
@@ -174,7 +176,8 @@ def _progress_line(p: PostStatus) -> str:
     share = f" ({p.answered / total:.0%})" if total else ""
     c = p.counts
     return (
-        f"post {p.post_id} {p.list_address}: {p.shown_state} {p.answered}/{total}{share};"
+        f"post {p.post_id} {p.list_address}: {p.shown_state} {p.answered}/{total}"
+        f"{'+ (snapshot being written)' if p.snapshotting else ''}{share};"
         f" {c.get('delivered', 0)} delivered, {c.get('failed', 0)} failed,"
         f" {c.get('deferred', 0)} deferred, {c.get('in_flight', 0)} in flight,"
         f" {c.get('waiting', 0)} waiting"
@@ -215,7 +218,7 @@ def _rich_status(app: App, everything: bool, watch: bool, interval: float) -> No
                 p.list_address,
                 p.shown_state,
                 bar if total else Text(""),
-                f"{p.answered}/{total}",
+                f"{p.answered}/{total}{'+' if p.snapshotting else ''}",
                 ", ".join(counts) or "-",
             )
         extra = [

@@ -470,7 +470,12 @@ def _finish_post_if_done(session: Session, post_id: int, now: datetime) -> None:
     if not open_batches:
         conn.execute(
             sa.update(Post)
-            .where(Post.id == post_id, Post.state == PostState.SENDING)
+            # an open snapshot has more batches to come: its last chunk finishes the post
+            .where(
+                Post.id == post_id,
+                Post.state == PostState.SENDING,
+                Post.snapshotting.is_(False),
+            )
             .values(state=PostState.SENT, finished_at=now)
         )
 
@@ -669,6 +674,8 @@ def cancel(session: Session, post_id: int, *, actor: str) -> Control:
     post.reason = reason
     post.finished_at = now
     post.paused = False
+    post.snapshotting = False  # no more batches are written
+    post.snapshot_owner = post.snapshot_expires_at = None
     session.flush()  # the reason is what the recipients' detail reads
     conn = session.connection()
     ids: list[int] = list(conn.execute(_idle_batches(Post.id == post_id, now)).scalars())

@@ -21,13 +21,16 @@ buckets are empty the dispatcher waits until the next token, not the poll interv
 Every second it asks whether the posts of the batches it holds were paused or
 cancelled (`queue pause`/`cancel`); their batches not yet started are handed back,
 and a sender stops a personalized batch between two messages (`holds` turns false).
+The same question about the posts whose batches ended tells which posts this
+worker is done with (sent, cancelled, paused or gone): `on_done` is called for
+each, so their prepared bytes leave the cache at once (issue 15: memory).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -89,6 +92,9 @@ class Dispatcher:
         self._dirty: list[InFlight] = []  # with results or an end not yet recorded
         self._unrecorded: list[Report] = []  # a round that failed, to write again
         self._ending: dict[int, InFlight] = {}  # batch id -> item, for the end-of-batch log
+        self._ended: set[int] = set()  # posts with a batch ended since the last check
+        #: called with a post this worker holds no batch of and is done with
+        self.on_done: Callable[[int], None] | None = None
 
     # -- called by senders (on the loop) --------------------------------------------
 
@@ -128,8 +134,9 @@ class Dispatcher:
                 checked = loop.time()
                 await self._free_dead()
             check: set[int] = set()
-            if self._held and loop.time() - halt_checked >= HALT_CHECK_EVERY:
+            if (self._held or self._ended) and loop.time() - halt_checked >= HALT_CHECK_EVERY:
                 check = {i.batch.post_id for i in self._held.values() if not i.halted}
+                check |= self._ended
             claimed: list[ClaimedBatch] = []
             if reports or want > 0 or renew or check:
                 started = loop.time()
@@ -147,6 +154,8 @@ class Dispatcher:
                 if check:
                     halt_checked = started
                     self._halt(halted)
+                    self._done_with(halted & self._ended)
+                    self._ended -= check
                 claimed, retry_after = claim.batches, claim.retry_after
                 self._after(reports, states)
                 if renew:
@@ -199,6 +208,7 @@ class Dispatcher:
             if item.end is not None:
                 self._held.pop(item.batch.id, None)
                 self._ending[item.batch.id] = item
+                self._ended.add(item.batch.post_id)
         return reports
 
     def _halt(self, halted: set[int]) -> None:
@@ -227,6 +237,14 @@ class Dispatcher:
                 n,
                 extra={"event": "post_halted", "post_id": post_id},
             )
+
+    def _done_with(self, post_ids: set[int]) -> None:
+        """Tell `on_done` about the halted posts none of whose batches are held here."""
+        if self.on_done is None or not post_ids:
+            return
+        held = {i.batch.post_id for i in self._held.values()}
+        for post_id in sorted(post_ids - held):
+            self.on_done(post_id)
 
     def _round(
         self, reports: list[Report], renew: list[ClaimedBatch], want: int, check: set[int]

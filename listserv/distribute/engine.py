@@ -59,7 +59,16 @@ class DeliveryEngine:
             throttle=Throttle(settings.throttle),
         )
         self.cache = PreparedCache(db, settings.keys_dir)
+        self.dispatcher.on_done = self._done_with
         self._phases: dict[int, sender.Phase] = {}
+
+    def _done_with(self, post_id: int) -> None:
+        """This worker is done with the post (sent, cancelled, paused or gone): its
+        prepared bytes leave the cache now, not when eight more posts came."""
+        freed = self.cache.evict(post_id)
+        freed += self.cache.sweep()
+        if freed:
+            log.debug("post %d: let go of %d prepared bytes", post_id, freed)
 
     def wake(self) -> None:
         """New batches may be due (a post was queued)."""
@@ -117,6 +126,7 @@ class DeliveryEngine:
         dispatcher = self.dispatcher
         try:
             while (item := await dispatcher.outbox.get()) is not None:
+                self.cache.sweep()  # posts unused for a while (their batches wait)
                 if self.stop.is_set():
                     dispatcher.finish(item, End.HANDED_BACK)
                     continue

@@ -15,10 +15,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
 
 from listserv import addresses, mail, sitesecret, unsubscribe_links
 from listserv.addresses import Kind
@@ -29,6 +33,7 @@ from listserv.errors import ListservError
 from listserv.models import (
     Audience,
     ContentFilter,
+    DeliveryBatch,
     DeliveryMode,
     DmarcMitigateWhen,
     DmarcMitigation,
@@ -463,8 +468,42 @@ def mitigate(
     return dataclasses.replace(view, dmarc_action=decision.action.value)
 
 
-def queue_post(db: Database, settings: Settings, post_id: int) -> int | None:
-    """Prepare one accepted post and snapshot its recipients; returns the batch count.
+@dataclass(frozen=True, slots=True)
+class Queued:
+    """What `start_post` did: the post is queued, whole (`done`) or its first chunk,
+    and the rest of its snapshot is for `continue_post`."""
+
+    post_id: int
+    list_address: str
+    mode: DeliveryMode
+    batches: int
+    recipients: int
+    done: bool
+    #: lower-cased addresses another post of the same message has (posts.sibling_addresses)
+    skip: frozenset[str] = frozenset()
+
+
+def queue_post(db: Database, settings: Settings, post_id: int, *, worker: str) -> int | None:
+    """Prepare one accepted post and snapshot all its recipients; returns the batch
+    count (None: another worker queued it first, or it failed). The daemon's
+    scheduler runs `start_post` and `continue_post` instead, one chunk at a time."""
+    queued = start_post(db, settings, post_id, worker=worker)
+    if queued is None:
+        return None
+    batches = queued.batches
+    while not queued.done:
+        chunk = continue_post(db, settings, post_id, worker=worker, skip=queued.skip)
+        if chunk.lost:
+            break
+        batches += chunk.batches
+        queued = dataclasses.replace(queued, done=chunk.done)
+    return batches
+
+
+def start_post(db: Database, settings: Settings, post_id: int, *, worker: str) -> Queued | None:
+    """Prepare one accepted post and queue it: notices and forwards to the owners
+    whole, a members' post with its first chunk of recipients (the rest by
+    `continue_post`). Committed before it returns, so its first batches can go out.
 
     None when another worker queued it first, or when it failed. A post that
     cannot be prepared is marked failed with the reason, shown by `queue status`
@@ -477,9 +516,10 @@ def queue_post(db: Database, settings: Settings, post_id: int) -> int | None:
         mlist = session.get(MailingList, post.list_id)
         if post.audience is Audience.NOTICE:
             raw = post.prepared  # written by the server: sign it, nothing more
-        else:
-            inbound = session.get(InboundMessage, post.inbound_id)
-            raw = None if inbound is None else inbound.raw
+        else:  # the bytes alone: an ORM object would keep them after `del raw`
+            raw = session.scalar(
+                sa.select(InboundMessage.raw).where(InboundMessage.id == post.inbound_id)
+            )
         if mlist is None or raw is None:
             return None  # deleted meanwhile, with its list
         base = unsubscribe_links.usable_base(settings.http.public_base_url)
@@ -512,43 +552,110 @@ def queue_post(db: Database, settings: Settings, post_id: int) -> int | None:
         with db.session() as session:
             posts.fail_post(session, post_id, reason)
         return None
+    del raw  # a large post is held once here, not twice (issue 15: memory)
     mode = view.delivery_mode if audience is Audience.MEMBERS else DeliveryMode.SHARED
+    settings_d = settings.delivery
     with db.session() as session:
-        locked = posts.lock_accepted_post(session, post_id)
-        if locked is None:
-            return None
         if view.unsubscribe_base and audience is Audience.MEMBERS:
             sitesecret.get(session, sitesecret.UNSUBSCRIBE)  # made now: senders only read it
-        rcpts: Iterable[str]
-        if audience is Audience.NOTICE:
-            rcpts = list(dict.fromkeys(locked.notice_to or []))
-        elif audience is Audience.OWNERS:
-            rcpts = posts.recipients(session, locked.list_id, audience)
-        else:  # members: streamed from the database in domain order, never all in memory
-            rcpts = posts.recipient_stream(session, locked.list_id)
-            if locked.inbound_id is not None:
-                # one message sent to several lists reaches each address once
-                rcpts = posts.not_yet_sent_with(session, locked, rcpts)
-        batches = posts.enqueue(
+        if audience is Audience.MEMBERS:
+            started = posts.start_snapshot(
+                session,
+                post_id,
+                worker=worker,
+                lease=timedelta(seconds=settings_d.lease_seconds),
+                prepared=prepared,
+                envelope_from=view.address(Kind.BOUNCES),
+                delivery_mode=mode,
+                render=snapshot,
+            )
+            if started is None:
+                return None
+            skip = frozenset(posts.sibling_addresses(session, post_id))
+            chunk = posts.snapshot_chunk(
+                session,
+                post_id,
+                worker=worker,
+                lease=timedelta(seconds=settings_d.lease_seconds),
+                max_per_batch=settings_d.max_recipients_per_message,
+                mix_domains=settings_d.mix_domains,
+                rows=settings_d.snapshot_chunk,
+                skip=skip,
+            )
+            queued = Queued(
+                post_id, view.address(), mode, chunk.batches, chunk.recipients, chunk.done, skip
+            )
+        else:
+            locked = posts.lock_accepted_post(session, post_id)
+            if locked is None:
+                return None
+            rcpts: list[str]
+            if audience is Audience.NOTICE:
+                rcpts = list(dict.fromkeys(locked.notice_to or []))
+            else:
+                rcpts = posts.recipients(session, locked.list_id, audience)
+            batches = posts.enqueue(
+                session,
+                locked,
+                prepared=prepared,
+                envelope_from=view.address(Kind.BOUNCES),
+                delivery_mode=mode,
+                render=snapshot,
+                addresses=rcpts,
+                max_per_batch=settings_d.max_recipients_per_message,
+                mix_domains=settings_d.mix_domains,
+            )
+            queued = Queued(post_id, view.address(), mode, batches, locked.recipient_count, True)
+    if audience is Audience.OWNERS and not queued.recipients:
+        log.warning("post %d: %s has no owners to forward to (kept)", post_id, view.address())
+    if queued.done:
+        log_queued(queued)
+    return queued
+
+
+def continue_post(
+    db: Database, settings: Settings, post_id: int, *, worker: str, skip: frozenset[str]
+) -> posts.Chunk:
+    """The next chunk of a members' post's snapshot, committed (queue bookkeeping:
+    not waiting for the disk, as a lost chunk is written again from the cursor)."""
+    with db.session(durable=False) as session:
+        return posts.snapshot_chunk(
             session,
-            locked,
-            prepared=prepared,
-            envelope_from=view.address(Kind.BOUNCES),
-            delivery_mode=mode,
-            render=snapshot,
-            addresses=rcpts,
+            post_id,
+            worker=worker,
+            lease=timedelta(seconds=settings.delivery.lease_seconds),
             max_per_batch=settings.delivery.max_recipients_per_message,
             mix_domains=settings.delivery.mix_domains,
+            rows=settings.delivery.snapshot_chunk,
+            skip=skip,
         )
-        count = locked.recipient_count
-    if audience is Audience.OWNERS and not count:
-        log.warning("post %d: %s has no owners to forward to (kept)", post_id, view.address())
+
+
+def log_queued(queued: Queued) -> None:
     log.info(
         "post %d to %s: queued %d recipients in %d batches (%s)",
-        post_id,
-        view.address(),
-        count,
-        batches,
-        mode.value,
+        queued.post_id,
+        queued.list_address,
+        queued.recipients,
+        queued.batches,
+        queued.mode.value,
     )
-    return batches
+
+
+def resumed(session: Session, post_id: int) -> Queued:
+    """An open snapshot taken over (posts.adopt_snapshot), as `continue_post` goes on
+    with it: what it has written so far, and what the message's other posts have."""
+    post = session.get_one(Post, post_id)
+    mlist = session.get_one(MailingList, post.list_id)
+    batches = session.scalar(
+        sa.select(sa.func.count(DeliveryBatch.id)).where(DeliveryBatch.post_id == post_id)
+    )
+    return Queued(
+        post_id,
+        ListView.of(mlist).address(),
+        post.delivery_mode or mlist.delivery_mode,
+        int(batches or 0),
+        post.recipient_count,
+        False,
+        frozenset(posts.sibling_addresses(session, post_id)),
+    )

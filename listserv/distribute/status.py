@@ -36,6 +36,8 @@ class PostStatus:
     next_attempt_at: datetime | None = None
     paused: bool = False  # `queue pause`: its batches wait for `queue resume`
     recipients: int = 0  # snapshotted when it was queued
+    #: the snapshot is still being written: `recipients` is a running total, not final
+    snapshotting: bool = False
 
     @property
     def shown_state(self) -> str:
@@ -78,6 +80,7 @@ def status(
             Post.reason,
             Post.paused,
             Post.recipient_count,
+            Post.snapshotting,
         )
         .join(MailingList, MailingList.id == Post.list_id)
         .where(Post.state.in_(states))
@@ -94,8 +97,9 @@ def status(
             reason,
             paused=paused,
             recipients=count,
+            snapshotting=open_,
         )
-        for pid, local, domain, subject, state, created, reason, paused, count in posts
+        for pid, local, domain, subject, state, created, reason, paused, count, open_ in posts
     }
     if not result:
         return []
