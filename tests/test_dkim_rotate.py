@@ -311,7 +311,7 @@ async def test_a_post_queued_before_the_rotation_is_sent_signed_with_the_old_key
     make_list(db, members_=MEMBERS, delivery_mode=mode)
     settings = settings_for(db_url, sink.port, tmp_path)  # as daemon_factory's
     post_id = accepted_post(db, "queued before")
-    assert prepare.queue_post(db, settings, post_id)
+    assert prepare.queue_post(db, settings, post_id, worker="test")
 
     new = dkim.generate_key(keys_dir, DOMAIN, "s2", bits=1024)
     dkim.activate_key(keys_dir, DOMAIN, "s2")

@@ -274,7 +274,7 @@ async def test_sigkill_during_the_snapshot_delivers_everyone_once_after_a_restar
         f'[database]\nurl = "{db_url}"\n'
         f'[delivery]\nhost = "127.0.0.1"\nport = {sink.port}\nmax_connections = 2\n'
         "max_recipients_per_message = 10\npoll_interval = 0.1\nretry_initial = 0.2\n"
-        "snapshot_chunk = 10\n"
+        "snapshot_chunk = 10\nreports = false\n"
         f'[dkim]\nkeys_dir = "{tmp_path}/dkim"\n[http]\nenabled = false\n'
     )
 
