@@ -37,6 +37,7 @@ from bench_fanout import (  # a sibling script
     ScratchSchema,
     SinkProcess,
     free_port,
+    loopback_dns,
     process_tree,
     run,
     wait_port,
@@ -99,8 +100,10 @@ def main() -> None:
         f"max_message_size = {limit}\n"
         f'[database]\nurl = "{db_url}"\n'
         f'[delivery]\nhost = "127.0.0.1"\nport = {sink.port}\npoll_interval = 0.5\n'
+        "reports = false\n"
         f'[dkim]\nkeys_dir = "{work}/dkim"\n'
         "[http]\nenabled = false\n"
+        f'[dns]\nnameservers = ["{loopback_dns()}"]\n'
         '[logging]\nlevel = "WARNING"\n'
     )
     env = dict(os.environ, LISTSERV_CONFIG=str(config))
