@@ -35,12 +35,13 @@ command -v postfix >/dev/null || { echo "install the postfix package first (see 
 
 D=$(mktemp -d /tmp/postfix-roundtrip.XXXXXX)
 chmod 755 "$D"
-LS_PID="" SINK_PID=""
+LS_PID="" SINK_PID="" DNS_PID=""
 cleanup() {
     set +e
     postfix -c "$D/etc" stop >/dev/null 2>&1
     [ -n "$LS_PID" ] && kill "$LS_PID" 2>/dev/null && wait "$LS_PID" 2>/dev/null
     [ -n "$SINK_PID" ] && kill "$SINK_PID" 2>/dev/null && wait "$SINK_PID" 2>/dev/null
+    [ -n "$DNS_PID" ] && kill "$DNS_PID" 2>/dev/null && wait "$DNS_PID" 2>/dev/null
     if [ "${KEEP:-0}" = 1 ]; then echo "kept $D"; else rm -rf "$D"; fi
 }
 trap cleanup EXIT
@@ -156,6 +157,16 @@ postfix -c "$D/etc" check || fail "postfix check"
 smtp-sink -u nobody -d "$D/sink/%M." -h sink.example 127.0.0.1:"$SINK_PORT" 100 &
 SINK_PID=$!
 
+# an empty DNS server on loopback: listserv's DMARC and SPF look-ups never leave the machine
+"$PY" -c '
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from tests.dnsserver import DnsServer
+print(DnsServer().start().address, flush=True)
+time.sleep(86400)' "$ROOT" >"$D/dns.addr" &
+DNS_PID=$!
+for _ in $(seq 50); do [ -s "$D/dns.addr" ] && break; sleep 0.1; done
+
 cat >"$D/listserv.toml" <<EOF
 [server]
 host = "127.0.0.1"
@@ -175,6 +186,9 @@ keys_dir = "$D/dkim"
 
 [http]
 enabled = false
+
+[dns]
+nameservers = ["$(cat "$D/dns.addr")"]
 EOF
 export LISTSERV_CONFIG=$D/listserv.toml
 "$LISTSERV" init
