@@ -129,13 +129,16 @@ def _error(exc: ListservError) -> web.Response:
 
 
 def _name(link: Link) -> str:
-    return html.escape(link.description or link.list_address)
+    """ "Description (address)", or the address alone for a list without a description."""
+    if not link.description:
+        return html.escape(link.list_address)
+    return f"{html.escape(link.description)} ({html.escape(link.list_address)})"
 
 
 def _mandatory_page(link: Link, status: int) -> web.Response:
     return _page(
         "This list cannot be unsubscribed",
-        f"<p>{_name(link)} ({html.escape(link.list_address)}) is a mandatory list: "
+        f"<p>{_name(link)} is a mandatory list: "
         "it carries notices everyone it serves must receive, so it has no opt-out. "
         f"You stay subscribed as {html.escape(link.address)}.</p>\n"
         f"<p>Questions go to the list owner: {html.escape(link.owner_address)}.</p>",
@@ -161,15 +164,13 @@ def make_app(db: Database) -> web.Application:
         if not link.member:
             return _page(
                 "Not subscribed",
-                f"<p>{html.escape(link.address)} is not subscribed to {_name(link)}"
-                f" ({html.escape(link.list_address)}).</p>",
+                f"<p>{html.escape(link.address)} is not subscribed to {_name(link)}.</p>",
             )
         # no action attribute: the form posts back to this very URL, whatever
         # prefix a proxy in front of us serves it under
         return _page(
             "Unsubscribe",
-            f"<p>Unsubscribe {html.escape(link.address)} from {_name(link)}"
-            f" ({html.escape(link.list_address)})?</p>\n"
+            f"<p>Unsubscribe {html.escape(link.address)} from {_name(link)}?</p>\n"
             '<form method="post">'
             '<input type="hidden" name="List-Unsubscribe" value="One-Click">'
             '<button type="submit">Unsubscribe</button></form>',
@@ -190,8 +191,7 @@ def make_app(db: Database) -> web.Application:
             return _mandatory_page(link, 403)
         return _page(
             "Unsubscribed",
-            f"<p>{html.escape(link.address)} is no longer subscribed to {_name(link)}"
-            f" ({html.escape(link.list_address)}).</p>",
+            f"<p>{html.escape(link.address)} is no longer subscribed to {_name(link)}.</p>",
         )
 
     app = web.Application()

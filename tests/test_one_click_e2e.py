@@ -117,8 +117,8 @@ def unsubscribed_page(address: str) -> str:
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width">'
         "<title>Unsubscribed</title></head>\n<body>\n<h1>Unsubscribed</h1>\n"
-        f"<p>{address} is no longer subscribed to staff@lists.example.org"
-        " (staff@lists.example.org).</p>\n</body></html>\n"
+        f"<p>{address} is no longer subscribed to staff@lists.example.org.</p>\n"
+        "</body></html>\n"
     )
 
 
