@@ -58,9 +58,8 @@ async def test_evict_sweep_and_the_byte_bound(db: Database, tmp_path: Path) -> N
 
 
 async def test_a_large_post_leaves_the_cache_once_it_is_sent(
-    daemon_factory: Any, db_url: str, sink: Sink
+    daemon_factory: Any, db: Database, sink: Sink
 ) -> None:
-    db = Database(db_url)
     make_list(db, members_=[f"m{i}@d{i % 3}.example" for i in range(9)], senders=[SENDER])
     running = await daemon_factory(delivery__max_recipients_per_message=2)
     body = ("A line of a large post, long enough to matter.\n" * 40000).strip()
@@ -85,4 +84,3 @@ async def test_a_large_post_leaves_the_cache_once_it_is_sent(
         assert loop.time() < deadline, f"still cached: {engine.cache.bytes} bytes"
         await asyncio.sleep(0.05)
     assert len(sink.received[0].data) > 1_500_000  # it was large, and sent whole
-    db.dispose()

@@ -263,9 +263,8 @@ BIG = [f"k{i:04d}@d{i % 7}.example" for i in range(1500)]
 
 
 async def test_sigkill_during_the_snapshot_delivers_everyone_once_after_a_restart(
-    db_url: str, sink: Sink, tmp_path: Path
+    db: Database, db_url: str, sink: Sink, tmp_path: Path
 ) -> None:
-    db = Database(db_url)
     make_list(db, members_=BIG, senders=[SENDER])
     port = free_port()
     config = tmp_path / "listserv.toml"
@@ -327,7 +326,6 @@ async def test_sigkill_during_the_snapshot_delivers_everyone_once_after_a_restar
     with db.reading() as s:
         rows = Counter(s.scalars(sa.select(Delivery.address)))
         post = s.scalars(sa.select(Post)).one()
-    db.dispose()
     assert set(rows) == set(BIG) and max(rows.values()) == 1  # snapshotted once each
     assert post.recipient_count == len(BIG) and not post.snapshotting
     counts = Counter(sink.recipients())
