@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from listserv import replies
+from listserv import memory, replies
 from listserv.addresses import ListAddress
 from listserv.config import PolicySettings
 from listserv.db import Database
@@ -28,6 +28,8 @@ log = logging.getLogger("listserv.smtp")
 T = TypeVar("T")
 #: threads deciding and storing mail for the SMTP sessions at once
 INTAKE_THREADS = 24
+#: seconds after a large message was stored before malloc's free pages are trimmed
+TRIM_AFTER = 1.0
 
 #: RFC 5321 4.5.3.1.8: a server must take at least 100; the 101st gets 452 4.5.3
 MAX_RECIPIENTS = 100
@@ -129,6 +131,10 @@ class InboundHandler:
             return str(replies.TEMP_FAILURE)
         if outcome.accepted_posts:
             self.on_accepted()
+        if len(content) >= memory.MMAP_THRESHOLD:
+            # a large message was parsed and stored: its memory goes back to the system
+            # once aiosmtpd lets go of the envelope, not after the next large post
+            asyncio.get_running_loop().call_later(TRIM_AFTER, memory.trim)
         return str(outcome.reply)
 
     async def handle_exception(self, error: Exception) -> str:
