@@ -28,7 +28,7 @@ from listserv.config import DnsSettings
 from listserv.db import Database
 from listserv.distribute import arc, dkim, dmarc, prepare
 from listserv.dns import Resolver
-from listserv.models import DeliveryMode, Post, PostingPolicy
+from listserv.models import Audience, DeliveryMode, Post, PostingPolicy
 
 LIST = "staff@lists.example.org"
 MEMBERS = ["ann@one.example", "bob@two.example"]
@@ -420,3 +420,26 @@ def test_the_chain_decides_cv_and_what_the_seal_covers(
         "lists.example.org",
     )
     assert sealed.startswith(b"ARC-Seal: i=2; a=rsa-sha256; cv=fail;")
+
+
+def test_merged_copies_are_sealed(keys: dict[str, dkim.SigningKey], dns_server: DnsServer) -> None:
+    """A post with merge fields: each copy (its own Subject and body) signed and sealed."""
+    post = post_text().replace(b"Subject: Minutes", b"Subject: Minutes for $name")
+    raw = with_our_results(dkim.Signer(keys["author"]).sign(post))
+    view = template_view(
+        delivery_mode=DeliveryMode.SHARED, merge_fields=True, arc_authserv_id="lists.example.org"
+    )
+    template = prepare.merged_template(raw, view, Audience.MEMBERS)
+    assert template is not None
+    personal = dataclasses.replace(view, delivery_mode=DeliveryMode.PERSONALIZED)
+    names = {"ann@one.example": "Ann", "bob@two.example": "Bö"}
+    copies = prepare.Personalizer(template, personal, names).render_all(
+        MEMBERS, dkim.Signer(keys["list"])
+    )
+    dnsfunc = dnsfunc_for(dns_server)
+    assert len({mail.parse(c)["Subject"] for c in copies}) == len(MEMBERS)
+    for copy in copies:
+        cv, results, reason = dkimpy.arc_verify(copy, dnsfunc=dnsfunc)
+        assert cv == dkimpy.CV_Pass, reason
+        assert [r["instance"] for r in results] == [1]
+        assert dkimpy.verify(copy, dnsfunc=dnsfunc)
