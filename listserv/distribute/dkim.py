@@ -573,10 +573,27 @@ class Signer:
 
     def signature(self, message: bytes, *, timestamp: int | None = None) -> bytes:
         """The DKIM-Signature header field (with its CRLF) for `message`, alone."""
+        return self.finish(self.hashes(message), timestamp=timestamp)
+
+    def hashes(self, message: bytes) -> Hashes:
+        """What a signature of `message` signs, before any signature field: the ARC
+        seal (`distribute.arc`) signs the same header and body hashes once more."""
         fields, body = _split_message(_crlf(message))
         headers, h_value = self._hash_headers(fields)
         body_hash = hashlib.sha256(canonicalize_body(body, self.body_canon)).digest()
-        return self._finish(headers, h_value, body_hash, timestamp)
+        return Hashes(headers, h_value, body_hash)
+
+    def finish(self, hashes: Hashes, *, timestamp: int | None = None) -> bytes:
+        """The DKIM-Signature field(s), with their CRLF, for a message's `hashes`."""
+        return self._finish(hashes.headers, hashes.h_value, hashes.body, timestamp)
+
+    def sign_digest(self, digest: bytes) -> bytes:
+        """The first key's RSASSA-PKCS1-v1_5 signature of a SHA-256 `digest` (ARC-Seal
+        and ARC-Message-Signature b=); InvalidInput for an Ed25519 key."""
+        private = self._signing[0][0]
+        if not isinstance(private, rsa.RSAPrivateKey):
+            raise InvalidInput("an Ed25519 key cannot sign rsa-sha256")
+        return private.sign(digest, padding.PKCS1v15(), Prehashed(hashes.SHA256()))
 
     def template(self, message: bytes, differs_at: int) -> SigningTemplate | None:
         """Hash once what every copy of `message` shares: its copies are `message`
@@ -682,6 +699,10 @@ class SigningTemplate:
         return self.signature(message, timestamp=timestamp) + message
 
     def signature(self, message: bytes, *, timestamp: int | None = None) -> bytes:
+        return self.signer.finish(self.hashes(message), timestamp=timestamp)
+
+    def hashes(self, message: bytes) -> Hashes:
+        """The same as ``signer.hashes(message)``, hashing only what follows the shared part."""
         signer = self.signer
         headers, h_value = self._headers, self._h_value
         if message.startswith(self._prefix):
@@ -695,7 +716,7 @@ class SigningTemplate:
                 or not message.startswith(shared, end + 4)
                 or _has_bare_eol(message[: end + 4])
             ):
-                return signer.signature(message, timestamp=timestamp)
+                return signer.hashes(message)
             fields, _ = _split_message(message[: end + 4])
             headers, h_value = signer._hash_headers(fields)
             rest = message[end + 4 + len(shared) :]
@@ -704,10 +725,19 @@ class SigningTemplate:
         if tail in (b"", b"\r\n"):
             # Nothing but empty lines after the shared part: the end-of-body rule
             # would reach back into the part hashed already.
-            return signer.signature(message, timestamp=timestamp)
+            return signer.hashes(message)
         body = self._body.copy()
         body.update(tail)
-        return signer._finish(headers, h_value, body.digest(), timestamp)
+        return Hashes(headers, h_value, body.digest())
+
+
+class Hashes(NamedTuple):
+    """A message's signed header fields hashed (the state before any signature field
+    is added: copy it, never update it), the h= they were picked by, and bh= raw."""
+
+    headers: _Hash
+    h_value: bytes
+    body: bytes
 
 
 class _Field(NamedTuple):
@@ -827,7 +857,9 @@ def _has_bare_eol(data: bytes) -> bool:
     return data.count(b"\n") != crlf or data.count(b"\r") != crlf
 
 
-def _fold_signature(head: bytes, t: bytes, h_value: bytes, bh: bytes) -> bytes:
+def _fold_signature(
+    head: bytes, t: bytes, h_value: bytes, bh: bytes, name: bytes = b"DKIM-Signature"
+) -> bytes:
     """``DKIM-Signature: ...; b=`` CRLF, folded so no line passes 76 characters.
 
     The tags that are the same for every message of a post come first (folded
@@ -835,15 +867,15 @@ def _fold_signature(head: bytes, t: bytes, h_value: bytes, bh: bytes) -> bytes:
     own, so removing its value (RFC 6376 §3.5) leaves exactly what was hashed
     whatever FWS a verifier takes with it.
     """
-    return b"%s\r\n %s bh=%s;\r\n b=\r\n" % (_fold_fixed(head, h_value), t, bh)
+    return b"%s\r\n %s bh=%s;\r\n b=\r\n" % (_fold_fixed(head, h_value, name), t, bh)
 
 
 @functools.lru_cache(maxsize=64)
-def _fold_fixed(head: bytes, h_value: bytes) -> bytes:
+def _fold_fixed(head: bytes, h_value: bytes, name: bytes = b"DKIM-Signature") -> bytes:
     """v= a= c= d= s= h=, folded: 50 µs a message before it was cached (one post's
-    copies share one h=)."""
+    copies share one h=). `name`: the field (ARC-Message-Signature has the same tags)."""
     lines: list[bytes] = []
-    line = b"DKIM-Signature:"
+    line = name + b":"
 
     def put(atom: bytes, sep: bytes) -> None:
         nonlocal line
@@ -856,9 +888,9 @@ def _fold_fixed(head: bytes, h_value: bytes) -> bytes:
     for tag in head.split(b" "):
         put(tag, b" ")
     names = h_value.split(b":")
-    for i, name in enumerate(names):
+    for i, entry in enumerate(names):
         # h= may fold around its colons (RFC 6376 §3.5: [FWS] ":" [FWS]).
-        atom = (b"h=" if i == 0 else b"") + name + (b";" if i == len(names) - 1 else b":")
+        atom = (b"h=" if i == 0 else b"") + entry + (b";" if i == len(names) - 1 else b":")
         put(atom, b" " if i == 0 else b"")
     lines.append(line)
     return b"\r\n".join(lines)

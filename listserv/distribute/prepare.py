@@ -78,6 +78,10 @@ class ListView:
     dmarc_mitigate_only_when: str = DmarcMitigateWhen.REJECT_QUARANTINE.value
     dmarc_original_from_in: str = OriginalFromIn.REPLY_TO.value
     dmarc_action: str = DmarcMitigation.NONE.value
+    #: ARC (distribute.arc): the authserv-id whose Authentication-Results each
+    #: personalized copy's seal carries, decided once when the post was prepared
+    #: ("": not sealed, as posts queued before copies were sealed)
+    arc_authserv_id: str = ""
 
     @classmethod
     def of(cls, mlist: MailingList, unsubscribe_base: str = "") -> ListView:
@@ -262,6 +266,9 @@ class Personalizer:
         self._merge_signing: tuple[dkim.Signer, dict[bytes, dkim.SigningTemplate | None]] | None = (
             None
         )
+        # the ARC sealer of the copies (view.arc_authserv_id), made on first use as above
+        self._arc_head = template[: template.find(b"\r\n\r\n") + 4] if view.arc_authserv_id else b""
+        self._sealing: tuple[dkim.Signer, arc.Sealer | None] | None = None
 
     @property
     def merges(self) -> bool:
@@ -323,17 +330,36 @@ class Personalizer:
         self._signing = (signer, template)
         return template
 
+    def arc_sealer(self, signer: dkim.Signer) -> arc.Sealer | None:
+        """The per-post ARC sealer of the copies, or None: not to be sealed (decided
+        when queued, `ListView.arc_authserv_id`), an Ed25519 key, or no seal possible."""
+        if not self.view.arc_authserv_id or not arc.can_seal(signer):
+            return None
+        cached = self._sealing
+        if cached is not None and cached[0] is signer:
+            return cached[1]
+        found = arc.chain(self._arc_head, self.view.arc_authserv_id)
+        sealer = None if found is None else arc.Sealer(signer, found)
+        self._sealing = (signer, sealer)
+        return sealer
+
     def render_all(self, recipients: list[str], signer: dkim.Signer | None) -> list[bytes]:
-        """One message per recipient, each with its own footer line and signature."""
+        """One message per recipient, each with its own footer line and signature
+        (and ARC seal, `arc_sealer`)."""
         if signer is None:
             return [self.render(recipient) for recipient in recipients]
+        sealer = self.arc_sealer(signer)
         if self._merger is not None:
-            return [self._sign_merged(recipient, signer) for recipient in recipients]
+            return [self._sign_merged(recipient, signer, sealer) for recipient in recipients]
         template = self.signing_template(signer)
+        if sealer is not None:
+            return [sealer.sign(self.render(recipient), template) for recipient in recipients]
         sign = signer.sign if template is None else template.sign
         return [sign(self.render(recipient)) for recipient in recipients]
 
-    def _sign_merged(self, recipient: str, signer: dkim.Signer) -> bytes:
+    def _sign_merged(
+        self, recipient: str, signer: dkim.Signer, sealer: arc.Sealer | None = None
+    ) -> bytes:
         """A merged copy, signed with the template of copies that start as it does:
         a name that does not fit a part's charset changes that part's headers, and
         with all-ASCII parts (decorate writes them us-ascii) that is every non-ASCII
@@ -348,9 +374,11 @@ class Personalizer:
         templates = cached[1]
         if prefix not in templates:
             if len(templates) >= _MAX_TEMPLATES:
-                return signer.sign(data)
+                return signer.sign(data) if sealer is None else sealer.sign(data)
             templates[prefix] = signer.template(prefix, len(prefix))
         template = templates[prefix]
+        if sealer is not None:
+            return sealer.sign(data, template)
         return signer.sign(data) if template is None else template.sign(data)
 
 
@@ -536,6 +564,9 @@ def start_post(db: Database, settings: Settings, post_id: int, *, worker: str) -
         else:
             signer = signer_for(settings.keys_dir, view.domain)
             view = mitigate(view, raw, settings, signed=signer is not None, post_id=post_id)
+            if arc.can_seal(signer) and arc.wanted(mail.parse_headers(raw)):
+                # recorded: a personalized post's copies are sealed as it was decided now
+                view = dataclasses.replace(view, arc_authserv_id=authresults.authserv_id(settings))
             if (merged := merged_template(raw, view, audience)) is not None:
                 prepared = merged
                 view = dataclasses.replace(view, delivery_mode=DeliveryMode.PERSONALIZED)
