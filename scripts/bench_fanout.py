@@ -82,6 +82,43 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -
     raise SystemExit(f"nothing listening on {port} after {timeout}s")
 
 
+def wait_daemons_ready(db_url: str, count: int, timeout: float = 60.0) -> None:
+    """Wait until `count` daemons (the front and each delivery worker) hold their
+    liveness lock, which each takes once it has started: a worker process spends a
+    second or two importing before it can deliver, and a post sent right after
+    `serve` started would otherwise time that start-up as delivery."""
+    sys.path.insert(0, str(ROOT))
+    from listserv.db import Database
+
+    db = Database(db_url)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            path = db.sqlite_path
+            if path is not None:
+                locks = path.with_name(path.name + ".workers")
+                held = len(list(locks.glob("*.lock"))) if locks.exists() else 0
+            else:
+                import sqlalchemy as sa
+
+                with db.reading() as session:
+                    held = int(
+                        session.scalar(
+                            sa.text(
+                                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+                                " AND classid = 19539 AND granted"  # 0x4C53, liveness.py
+                            )
+                        )
+                        or 0
+                    )
+            if held >= count:
+                return
+            time.sleep(0.05)
+        print(f"(warning: only {held} of {count} daemons ready after {timeout:g} s)")
+    finally:
+        db.dispose()
+
+
 class SinkProcess:
     """A counting SMTP sink in its own process (so it does not share our CPU).
 
@@ -313,6 +350,7 @@ def main() -> None:
         wait_port(smtp_port, daemon)
         while args.workers and len(process_tree(daemon.pid)) < args.workers + 1:
             time.sleep(0.05)
+        wait_daemons_ready(db_url, args.workers + 1 if args.workers else 1)
         message = post_message(args.size)
         with smtplib.SMTP("127.0.0.1", smtp_port, timeout=60) as client:
             client.ehlo()
