@@ -208,6 +208,12 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process used so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def bare_loops(
     port: int,
     rcpts: list[str],
@@ -352,6 +358,7 @@ def main() -> None:
             time.sleep(0.05)
         wait_daemons_ready(db_url, args.workers + 1 if args.workers else 1)
         message = post_message(args.size)
+        cpu_before = {pid: cpu_seconds(pid) for pid in process_tree(daemon.pid)}
         with smtplib.SMTP("127.0.0.1", smtp_port, timeout=60) as client:
             client.ehlo()
             client.mail(SENDER)
@@ -378,6 +385,7 @@ def main() -> None:
                 break
             time.sleep(0.05)
         rss = [peak_rss_mib(pid) for pid in process_tree(daemon.pid)]
+        cpu = [cpu_seconds(pid) - cpu_before.get(pid, 0.0) for pid in process_tree(daemon.pid)]
         counts = sink.finish()
         db.dispose()
     finally:
@@ -407,6 +415,10 @@ def main() -> None:
     print(f"250 -> last rcpt:   {elapsed:.2f} s")
     print(f"throughput:         {args.members / elapsed:,.0f} recipients/s")
     print(f"daemon peak RSS:    {', '.join(f'{r:.1f}' for r in rss)} MiB (per process)")
+    print(
+        f"daemon CPU:         {sum(cpu):.2f} s from the post on"
+        f" ({', '.join(f'{c:.2f}' for c in cpu)}; {sum(cpu) / args.members * 1e6:.0f} us a member)"
+    )
     if args.mode != "shared":
         signed = "signed " if args.dkim else ""
         print(f"messages:           {args.members / elapsed:,.0f} {signed}messages/s")
