@@ -9,6 +9,8 @@ and prints:
 - recipients/second from the 250 reply to our post to the last recipient
   accepted at the sink;
 - the daemon's peak RSS (VmHWM);
+- the CPU seconds its processes used from the post on, per member: steadier than
+  wall time when other work shares the machine;
 - for comparison, a bare aiosmtplib loop (same sink, same recipients,
   500 per transaction, same connection count) measured in the same run;
 - in personalized mode, messages/s (signed with --dkim) and, as the yardstick
@@ -23,6 +25,9 @@ It asserts nothing; it prints figures. Everything runs on 127.0.0.1.
 --mode one-click sets `[http] public_base_url`, so the list (shared by its own
 setting) goes out one copy per recipient with its one-click List-Unsubscribe;
 shared and personalized leave it unset, so one-click is not in effect.
+
+The post goes out once the daemon and its workers hold their liveness locks, so
+a worker's start-up (a second or two of imports) is not timed as delivery.
 
 With --workers K the daemon delivers in K processes (`serve --workers K`), the
 peak RSS is given per process, and the bare loop runs in K processes too, so
