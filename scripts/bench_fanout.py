@@ -9,6 +9,8 @@ and prints:
 - recipients/second from the 250 reply to our post to the last recipient
   accepted at the sink;
 - the daemon's peak RSS (VmHWM);
+- the CPU seconds its processes used from the post on, per member: steadier than
+  wall time when other work shares the machine;
 - for comparison, a bare aiosmtplib loop (same sink, same recipients,
   500 per transaction, same connection count) measured in the same run;
 - in personalized mode, messages/s (signed with --dkim) and, as the yardstick
@@ -23,6 +25,9 @@ It asserts nothing; it prints figures. Everything runs on 127.0.0.1.
 --mode one-click sets `[http] public_base_url`, so the list (shared by its own
 setting) goes out one copy per recipient with its one-click List-Unsubscribe;
 shared and personalized leave it unset, so one-click is not in effect.
+
+The post goes out once the daemon and its workers hold their liveness locks, so
+a worker's start-up (a second or two of imports) is not timed as delivery.
 
 With --workers K the daemon delivers in K processes (`serve --workers K`), the
 peak RSS is given per process, and the bare loop runs in K processes too, so
@@ -80,6 +85,43 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -
                 return
         time.sleep(0.05)
     raise SystemExit(f"nothing listening on {port} after {timeout}s")
+
+
+def wait_daemons_ready(db_url: str, count: int, timeout: float = 60.0) -> None:
+    """Wait until `count` daemons (the front and each delivery worker) hold their
+    liveness lock, which each takes once it has started: a worker process spends a
+    second or two importing before it can deliver, and a post sent right after
+    `serve` started would otherwise time that start-up as delivery."""
+    sys.path.insert(0, str(ROOT))
+    from listserv.db import Database
+
+    db = Database(db_url)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            path = db.sqlite_path
+            if path is not None:
+                locks = path.with_name(path.name + ".workers")
+                held = len(list(locks.glob("*.lock"))) if locks.exists() else 0
+            else:
+                import sqlalchemy as sa
+
+                with db.reading() as session:
+                    held = int(
+                        session.scalar(
+                            sa.text(
+                                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+                                " AND classid = 19539 AND granted"  # 0x4C53, liveness.py
+                            )
+                        )
+                        or 0
+                    )
+            if held >= count:
+                return
+            time.sleep(0.05)
+        print(f"(warning: only {held} of {count} daemons ready after {timeout:g} s)")
+    finally:
+        db.dispose()
 
 
 class SinkProcess:
@@ -169,6 +211,12 @@ def peak_rss_mib(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process used so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def bare_loops(
@@ -313,7 +361,9 @@ def main() -> None:
         wait_port(smtp_port, daemon)
         while args.workers and len(process_tree(daemon.pid)) < args.workers + 1:
             time.sleep(0.05)
+        wait_daemons_ready(db_url, args.workers + 1 if args.workers else 1)
         message = post_message(args.size)
+        cpu_before = {pid: cpu_seconds(pid) for pid in process_tree(daemon.pid)}
         with smtplib.SMTP("127.0.0.1", smtp_port, timeout=60) as client:
             client.ehlo()
             client.mail(SENDER)
@@ -340,6 +390,7 @@ def main() -> None:
                 break
             time.sleep(0.05)
         rss = [peak_rss_mib(pid) for pid in process_tree(daemon.pid)]
+        cpu = [cpu_seconds(pid) - cpu_before.get(pid, 0.0) for pid in process_tree(daemon.pid)]
         counts = sink.finish()
         db.dispose()
     finally:
@@ -369,6 +420,10 @@ def main() -> None:
     print(f"250 -> last rcpt:   {elapsed:.2f} s")
     print(f"throughput:         {args.members / elapsed:,.0f} recipients/s")
     print(f"daemon peak RSS:    {', '.join(f'{r:.1f}' for r in rss)} MiB (per process)")
+    print(
+        f"daemon CPU:         {sum(cpu):.2f} s from the post on"
+        f" ({', '.join(f'{c:.2f}' for c in cpu)}; {sum(cpu) / args.members * 1e6:.0f} us a member)"
+    )
     if args.mode != "shared":
         signed = "signed " if args.dkim else ""
         print(f"messages:           {args.members / elapsed:,.0f} {signed}messages/s")

@@ -502,3 +502,101 @@ async def test_auth_plain_or_login_when_a_username_is_set(mechanism: str) -> Non
         bad.drop()
     assert logins.seen == [(mechanism, True), (mechanism, False)]
     assert sink.recipients() == ["ann@a.example"]
+
+
+# -- copies in a row: the next envelope behind each message (RFC 2920 3.1) ------------------
+
+
+def copies(*addresses: str) -> list[sender.Copy]:
+    """One personalized copy per address, each with its own Subject."""
+    return [
+        sender.Copy(FROM, [(i, a)], MESSAGE.replace(b"Subject: Closure", f"Subject: {a}".encode()))
+        for i, a in enumerate(addresses, start=1)
+    ]
+
+
+async def send_in_a_row(
+    conn: sender.Connection, row: list[sender.Copy]
+) -> list[list[RecipientResult]]:
+    """Each copy with the next one announced behind it, as the engine sends them."""
+    return [
+        await sender.send_copy(conn, copy, then=row[i + 1] if i + 1 < len(row) else None)
+        for i, copy in enumerate(row)
+    ]
+
+
+async def test_copies_in_a_row_announce_the_next_envelope_behind_each_message(
+    sink: Sink, conn: sender.Connection
+) -> None:
+    row = copies(*(f"member{i}@d{i}.example" for i in range(5)))
+    results = await send_in_a_row(conn, row)
+    assert [[(r.outcome, r.code) for r in one] for one in results] == [[(DELIVERED, 250)]] * 5
+    assert [(r.rcpt_tos, r.data) for r in sink.received] == [
+        ([c.recipients[0][1]], c.message) for c in row
+    ]
+    # a message, its final dot and the next MAIL, RCPT and DATA went out in one write:
+    # without the chaining the client waits for the 250 to the dot before any MAIL
+    chained = [chunk for chunk in sink.reads if b"\r\n.\r\nMAIL FROM:" in chunk]
+    assert chained and all(chunk.endswith(b"DATA\r\n") for chunk in chained)
+    assert wire(sink).count(b"EHLO") == 1 and b"RSET" not in wire(sink)
+
+
+async def test_refusals_in_a_row_of_copies_are_each_copys_own_and_the_row_goes_on(
+    sink: Sink, conn: sender.Connection
+) -> None:
+    sink.script("RCPT", "550 5.1.1 no such user", match="bob@")
+    sink.script("DATA-START", "451 4.3.0 try later", match="cy@")
+    sink.script("DATA", "554 5.6.0 content refused", match="dan@")
+    sink.script("MAIL", "421 4.7.0 slow down")  # the first MAIL: ann's copy
+    names = ("ann", "bob", "cy", "dan", "eve", "fay")
+    row = copies(*(f"{name}@{name[0]}.example" for name in names))
+    results = await send_in_a_row(conn, row)
+    assert [[(r.outcome, r.code) for r in one] for one in results] == [
+        [(DEFERRED, 421)],  # MAIL refused, announced by no one: written on its own
+        [(FAILED, 550)],  # RCPT refused mid-row, DATA answered 503: RSET, then on
+        [(DEFERRED, 451)],  # DATA refused before the 354
+        [(FAILED, 554)],  # refused after the dot; its announced successor still goes
+        [(DELIVERED, 250)],
+        [(DELIVERED, 250)],
+    ]
+    assert sink.recipients() == ["eve@e.example", "fay@f.example"]
+    assert [r.data for r in sink.received] == [row[4].message, row[5].message]
+    assert wire(sink).count(b"EHLO") == 1  # in step all along: never reconnected
+
+
+async def test_an_announced_copy_that_does_not_follow_closes_the_connection(
+    sink: Sink, conn: sender.Connection
+) -> None:
+    ann, bob, cy = copies("ann@a.example", "bob@b.example", "cy@c.example")
+    first = await sender.send_copy(conn, ann, then=bob)
+    assert [r.outcome for r in first] == [DELIVERED]
+    await wait_until(lambda: sink.counters["DATA"] == 1 and wire(sink).endswith(b"DATA\r\n"))
+    conn.settle()  # bob's envelope went out and may have its 354: only hanging up ends it
+    await wait_until(lambda: not sink._sessions)
+    later = await sender.send_copy(conn, cy)
+    assert [r.outcome for r in later] == [DELIVERED]
+    assert sink.recipients() == ["ann@a.example", "cy@c.example"]  # bob got nothing, not empty
+    assert wire(sink).count(b"EHLO") == 2
+
+
+async def test_a_copy_sent_other_than_the_one_announced_is_not_sent_on_that_connection(
+    sink: Sink, conn: sender.Connection
+) -> None:
+    ann, bob, cy = copies("ann@a.example", "bob@b.example", "cy@c.example")
+    await sender.send_copy(conn, ann, then=bob)
+    results = await sender.send_copy(conn, cy)  # out of step: the caller's mistake
+    assert [r.outcome for r in results] == [DEFERRED]  # retried later, never mixed up
+    assert sink.recipients() == ["ann@a.example"]
+    again = await sender.send_copy(conn, cy)
+    assert [r.outcome for r in again] == [DELIVERED]
+
+
+async def test_without_pipelining_copies_in_a_row_go_one_command_at_a_time() -> None:
+    async with Sink(pipelining=False) as plain:
+        conn = sender.Connection(settings(plain), "lists.example.org")
+        row = copies("ann@a.example", "bob@b.example", "cy@c.example")
+        results = await send_in_a_row(conn, row)
+        await conn.close()
+    assert [[r.outcome for r in one] for one in results] == [[DELIVERED]] * 3
+    assert [r.data for r in plain.received] == [c.message for c in row]
+    assert max(commands_per_read(plain)) == 1

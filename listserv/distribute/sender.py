@@ -18,13 +18,14 @@ from listserv.distribute.results import RecipientResult
 from listserv.distribute.smtp_client import (
     ClientError,
     ConnectionLost,
+    Envelope,
     Phase,
     SMTPClient,
     Transcript,
 )
 from listserv.models import RecipientState
 
-__all__ = ["Connection", "Phase", "send", "to_results"]
+__all__ = ["Connection", "Copy", "Phase", "send", "send_copy", "to_results"]
 
 log = logging.getLogger("listserv.sender")
 
@@ -64,6 +65,12 @@ class Connection:
         client, self._client = self._client, None
         if client is not None:
             await client.quit()
+
+    def settle(self) -> None:
+        """Close the connection if it announced an envelope that will not follow
+        (`send_copy(..., then=)`): a 354 may be waiting for a message."""
+        if self._client is not None and self._client.announced is not None:
+            self.drop()
 
     def drop(self) -> None:
         """Close at once, sending nothing more (not even a buffered final dot)."""
@@ -118,19 +125,37 @@ def to_results(recipients: Sequence[tuple[int, str]], t: Transcript) -> list[Rec
     return results
 
 
-async def send(
-    conn: Connection,
+class Copy:
+    """One message for its recipients, ready to go; its `Envelope` is made once per
+    connection, so that announcing it ahead (`send(..., then=)`) and sending it
+    later name the same one."""
+
+    __slots__ = ("_made", "envelope_from", "message", "recipients")
+
+    def __init__(
+        self, envelope_from: str, recipients: Sequence[tuple[int, str]], message: bytes
+    ) -> None:
+        self.envelope_from = envelope_from
+        self.recipients = recipients
+        self.message = message
+        self._made: tuple[SMTPClient, Envelope | list[RecipientResult]] | None = None
+
+    def envelope(self, client: SMTPClient) -> Envelope | list[RecipientResult]:
+        """Its MAIL and RCPT lines on `client`, or the results if it cannot go there."""
+        made = self._made
+        if made is not None and made[0] is client:
+            return made[1]
+        found = _envelope(client, self.envelope_from, self.recipients, self.message)
+        self._made = (client, found)
+        return found
+
+
+def _envelope(
+    client: SMTPClient,
     envelope_from: str,
     recipients: Sequence[tuple[int, str]],
     message: bytes,
-    phase: Phase | None = None,
-) -> list[RecipientResult]:
-    """One SMTP transaction: MAIL, a RCPT per recipient, DATA. Never raises for SMTP trouble."""
-    try:
-        client = await conn.open()
-    except ClientError as exc:
-        conn.drop()
-        return _all(recipients, RecipientState.DEFERRED, None, f"connection failed: {exc}")
+) -> Envelope | list[RecipientResult]:
     options = []
     if not message.isascii() and client.supports("8BITMIME"):
         options.append("BODY=8BITMIME")
@@ -142,14 +167,44 @@ async def send(
         if not client.supports("SMTPUTF8"):
             return _all(recipients, RecipientState.FAILED, 553, "smarthost lacks SMTPUTF8")
         options.append("SMTPUTF8")
-    transcript = await client.transaction(
+    return client.envelope(
         envelope_from,
         [address for _, address in recipients],
-        message,
         options=options,
         encoding="utf-8" if utf8 else "ascii",
-        phase=phase,
     )
+
+
+async def send(
+    conn: Connection,
+    envelope_from: str,
+    recipients: Sequence[tuple[int, str]],
+    message: bytes,
+    phase: Phase | None = None,
+) -> list[RecipientResult]:
+    """One SMTP transaction: MAIL, a RCPT per recipient, DATA. Never raises for SMTP trouble."""
+    return await send_copy(conn, Copy(envelope_from, recipients, message), phase)
+
+
+async def send_copy(
+    conn: Connection, copy: Copy, phase: Phase | None = None, then: Copy | None = None
+) -> list[RecipientResult]:
+    """`copy` in one SMTP transaction; with `then`, the next copy's envelope goes out
+    behind this message when the smarthost pipelines, and the next call must send
+    `then` (a connection with an envelope announced and not followed is closed)."""
+    try:
+        client = await conn.open()
+    except ClientError as exc:
+        conn.drop()
+        return _all(copy.recipients, RecipientState.DEFERRED, None, f"connection failed: {exc}")
+    envelope = copy.envelope(client)
+    if not isinstance(envelope, Envelope):
+        return envelope
+    ahead = None
+    if then is not None and client.pipelining:
+        found = then.envelope(client)
+        ahead = found if isinstance(found, Envelope) else None
+    transcript = await client.transaction(envelope, message=copy.message, phase=phase, then=ahead)
     if transcript.lost is not None:
         conn.drop()
-    return to_results(recipients, transcript)
+    return to_results(copy.recipients, transcript)
