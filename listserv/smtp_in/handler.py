@@ -51,6 +51,8 @@ class InboundHandler:
         # (sender authentication) must not take the loop's default pool (6 threads on
         # 2 cores) from the dispatcher's and the scheduler's database round trips.
         self._executor = ThreadPoolExecutor(INTAKE_THREADS, thread_name_prefix="intake")
+        # sessions storing at the same moment share one durable commit (commit.py)
+        self.committer = intake.committer(db)
 
     async def _in_thread(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -124,6 +126,7 @@ class InboundHandler:
                 request,
                 policy=self.policy,
                 authenticator=self.authenticator,
+                committer=self.committer,
             )
         except Exception:
             # Nothing was committed: the client keeps the message and tries again.
