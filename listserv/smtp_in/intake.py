@@ -75,14 +75,31 @@ def resolve(db: Database, recipient: str) -> ListAddress | Reply:
     options = list(addresses.candidates(recipient))
     if not options:
         return replies.NO_SUCH_LIST.with_text(f"No such list: {recipient}")
+    keys: dict[tuple[str, str], ListAddress] = {}
+    for option in options:
+        try:
+            keys.setdefault(addresses.list_key(option.list_address), option)
+        except InvalidAddress:
+            continue
     with db.reading() as session:
-        for option in options:
-            if lists.find(session, option.list_address) is not None:
+        # one query for every reading of the address, and only the key columns: this
+        # runs for every RCPT, and loading whole lists cost more than the look-up
+        found = set(_existing(session, list(keys))) if keys else set()
+        for key, option in keys.items():
+            if key in found:
                 return option
         domain = options[0].domain
         if not _serves_domain(session, domain):
             return replies.RELAY_DENIED
     return replies.NO_SUCH_LIST.with_text(f"No such list here: {recipient}")
+
+
+def _existing(session: Session, keys: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Which of these (name, domain) keys are lists (as `lists.find` matches them)."""
+    query = sa.select(MailingList.local_part, MailingList.domain).where(
+        sa.or_(*(sa.and_(MailingList.local_part == n, MailingList.domain == d) for n, d in keys))
+    )
+    return [(n, d) for n, d in session.execute(query)]
 
 
 def _serves_domain(session: Session, domain: str) -> bool:
