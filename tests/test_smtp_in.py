@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import aiosmtplib
@@ -605,3 +606,35 @@ def test_serve_logs_aiosmtpd_per_command_lines_only_with_debug(tmp_path: Path, d
     text = log_path.read_text()
     assert ("mail.log" in text) is debug, text
     assert "Traceback" not in text
+
+
+@pytest.mark.parametrize(
+    ("arg", "common"),
+    [
+        ("<a@b.example>", True),
+        ("<president@example.org> SIZE=2000", True),
+        ("<a.b+c@x-y.example>  BODY=8BITMIME SMTPUTF8", True),
+        ("<First.Last@EXAMPLE.ORG>SIZE=1", True),
+        ("<a@b.example> (a comment) SIZE=1", False),
+        ('<"quoted local"@example.org>', False),
+        ("<>", False),
+        ("<a..b@example.org>", False),
+        ("<a@-b.example>", False),
+        ("<ü@example.org>", False),
+        ("  <a@b.example>", False),
+        ("a@b.example", False),
+        ("<a@b.example", False),
+    ],
+)
+def test_the_fast_path_reader_agrees_with_aiosmtpd(arg: str, common: bool) -> None:
+    from aiosmtpd.smtp import SMTP as AioSMTP
+
+    from listserv.smtp_in.server import simple_path
+
+    # aiosmtpd's reader needs nothing of a session but this (a session makes a loop)
+    session = SimpleNamespace(local_part_limit=0)
+    reference = AioSMTP._getaddr(session, arg)  # type: ignore[arg-type]
+    fast = simple_path(arg)
+    assert (fast is not None) is common  # the common paths take the fast way
+    if fast is not None:
+        assert fast == reference

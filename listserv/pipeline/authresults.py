@@ -159,14 +159,16 @@ def check(
     if arc_word:
         parts.append(f"arc={arc_word}")
     value = "; ".join(parts)
-    log.log(
-        logging.INFO if dmarc_word == "fail" else logging.DEBUG,
-        "inbound %s from %s: %s",
-        mail.header(msg, "Message-ID") or "(no Message-ID)",
-        peer or "unknown",
-        value,
-        extra={"event": "inbound_auth"},
-    )
+    level = logging.INFO if dmarc_word == "fail" else logging.DEBUG
+    if log.isEnabledFor(level):  # the Message-ID is parsed only for a line written
+        log.log(
+            level,
+            "inbound %s from %s: %s",
+            mail.header(msg, "Message-ID") or "(no Message-ID)",
+            peer or "unknown",
+            value,
+            extra={"event": "inbound_auth"},
+        )
     return Inbound(value, found, spf_result, dmarc_word, frozenset(domains))
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import EmailMessage
@@ -27,6 +28,7 @@ from listserv.db import Database
 from listserv.errors import InvalidAddress, NotFound
 from listserv.models import (
     Audience,
+    AuditEntry,
     InboundMessage,
     InboundState,
     MailingList,
@@ -41,6 +43,7 @@ from listserv.pipeline.context import SEVERITY, PostContext, Standing
 from listserv.pipeline.decide import decide
 from listserv.pipeline.decision import Action, Decision
 from listserv.replies import Reply
+from listserv.smtp_in.commit import GroupCommit
 
 log = logging.getLogger("listserv.intake")
 
@@ -72,14 +75,31 @@ def resolve(db: Database, recipient: str) -> ListAddress | Reply:
     options = list(addresses.candidates(recipient))
     if not options:
         return replies.NO_SUCH_LIST.with_text(f"No such list: {recipient}")
+    keys: dict[tuple[str, str], ListAddress] = {}
+    for option in options:
+        try:
+            keys.setdefault(addresses.list_key(option.list_address), option)
+        except InvalidAddress:
+            continue
     with db.reading() as session:
-        for option in options:
-            if lists.find(session, option.list_address) is not None:
+        # one query for every reading of the address, and only the key columns: this
+        # runs for every RCPT, and loading whole lists cost more than the look-up
+        found = set(_existing(session, list(keys))) if keys else set()
+        for key, option in keys.items():
+            if key in found:
                 return option
         domain = options[0].domain
         if not _serves_domain(session, domain):
             return replies.RELAY_DENIED
     return replies.NO_SUCH_LIST.with_text(f"No such list here: {recipient}")
+
+
+def _existing(session: Session, keys: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Which of these (name, domain) keys are lists (as `lists.find` matches them)."""
+    query = sa.select(MailingList.local_part, MailingList.domain).where(
+        sa.or_(*(sa.and_(MailingList.local_part == n, MailingList.domain == d) for n, d in keys))
+    )
+    return [(n, d) for n, d in session.execute(query)]
 
 
 def _serves_domain(session: Session, domain: str) -> bool:
@@ -94,10 +114,12 @@ def receive(
     policy: PolicySettings | None = None,
     now: datetime | None = None,
     authenticator: Authenticator | None = None,
+    committer: GroupCommit[Write, Stored] | None = None,
 ) -> Outcome:
     """Decide, store and answer one transaction; `policy` is the site's [policy]
     section, `now` when it was received (tests pass one), `authenticator` checks
-    who sent it (DKIM, trusted Authentication-Results)."""
+    who sent it (DKIM, trusted Authentication-Results), `committer` shares the
+    durable commit with concurrent sessions (else the mail has its own)."""
     targets: dict[Kind, list[ListAddress]] = defaultdict(list)
     for target in envelope.targets or _resolve_all(db, envelope.rcpt_tos):
         if isinstance(target, Reply):
@@ -111,6 +133,7 @@ def receive(
             policy or PolicySettings(),
             now or datetime.now(UTC),
             authenticator,
+            committer,
         )
     except NotFound as exc:  # a list deleted between RCPT and DATA
         return Outcome(replies.NO_SUCH_LIST.with_text(str(exc)))
@@ -141,6 +164,7 @@ def _receive(
     policy: PolicySettings,
     now: datetime,
     authenticator: Authenticator | None,
+    committer: GroupCommit[Write, Stored] | None,
 ) -> Outcome:
     # our Authentication-Results on posts (pipeline.authresults): forged ones go first
     checking = bool(
@@ -212,90 +236,171 @@ def _receive(
         _audit_refusal(db, mlist, ctx, decision, envelope)
         return Outcome(decision.reply or replies.NOT_ALLOWED)
 
-    with db.session() as session:  # durable: committed before the 250
-        return _store(session, stored, targets, decisions, msg)
+    write = Write(stored, targets, decisions, msg, _About.of(msg))
+    if committer is None:
+        with db.session() as session:  # durable: committed before the 250
+            [(outcome, logged)] = store_many(session, [write])
+    else:  # the same, sharing the commit (and its inserts) with other sessions' mail
+        outcome, logged = committer.run(write)
+    for line in logged:  # once committed: a group retried alone logs its ids once
+        log.info("post %d to %s from %s: %s%s", *line)
+    return outcome
 
 
-def _store(
-    session: Session,
-    envelope: Envelope,
-    targets: dict[Kind, list[ListAddress]],
-    decisions: list[tuple[MailingList, PostContext, Decision]],
-    msg: EmailMessage,
-) -> Outcome:
-    """The raw mail and its posts, written in `session`: committed (durably) before the
-    caller answers 250."""
-    inbound_ids: list[int] = []
-    pending_ids: list[int] = []
-    post_ids: list[int] = []
-    all_posts: list[int] = []
-    states: dict[str, PostState] = {}
-    for kind, group in targets.items():
-        inbound = InboundMessage(
-            mail_from=envelope.mail_from,
-            rcpt_tos=[a.list_address if kind is Kind.POST else _original(a) for a in group],
-            kind=kind.value,
-            state=InboundState.DONE if kind in HANDLED else InboundState.PENDING,
-            peer=envelope.peer[:100],
-            raw=envelope.content,
+@dataclass(frozen=True, slots=True)
+class Write:
+    """One transaction's mail and decisions, ready to store (nothing left to parse)."""
+
+    envelope: Envelope
+    targets: dict[Kind, list[ListAddress]]
+    decisions: list[tuple[MailingList, PostContext, Decision]]
+    msg: EmailMessage
+    about: _About
+
+
+#: (post id, list, sender, state, reason): logged once committed
+Logged = tuple[int, str, str, str, str]
+Stored = tuple[Outcome, list[Logged]]
+
+
+def committer(db: Database) -> GroupCommit[Write, Stored]:
+    """A group committer for `receive`: concurrent sessions share one durable commit."""
+    return GroupCommit(db, store_many)
+
+
+def store_many(session: Session, writes: Sequence[Write]) -> list[Stored]:
+    """The raw mail and posts of `writes`, written in `session`: committed (durably)
+    before the callers answer 250. One outcome (and the log lines to write once
+    committed) per write, in order.
+
+    One multi-row INSERT ... RETURNING per table for all the writes, not the ORM's
+    unit of work per message: this runs while SQLite's write lock is held, and
+    every statement lets go of the interpreter lock, which other busy threads then
+    keep for up to 5 ms before it comes back."""
+    inbound_rows: list[dict[str, object]] = []
+    for write in writes:
+        for kind, group in write.targets.items():
+            inbound_rows.append(
+                {
+                    "mail_from": write.envelope.mail_from,
+                    "rcpt_tos": [
+                        a.list_address if kind is Kind.POST else _original(a) for a in group
+                    ],
+                    "kind": kind.value,
+                    "state": InboundState.DONE if kind in HANDLED else InboundState.PENDING,
+                    "peer": write.envelope.peer[:100],
+                    "raw": write.envelope.content,
+                }
+            )
+    inbound_ids = _insert(session, InboundMessage, inbound_rows)
+    post_rows: list[dict[str, object]] = []
+    at = 0
+    for write in writes:
+        for kind in write.targets:
+            inbound_id = inbound_ids[at]
+            at += 1
+            if kind is not Kind.POST:
+                continue
+            for mlist, ctx, decision in write.decisions:
+                post_rows.append(
+                    {
+                        "list_id": mlist.id,
+                        "inbound_id": inbound_id,
+                        "state": _STATES[decision.action],
+                        "reason": decision.reason,
+                        "sender": ctx.sender[:320],
+                        "subject": write.about.subject[:998],
+                        "message_id": write.about.message_id[:998],
+                    }
+                )
+    new_posts = iter(_insert(session, Post, post_rows))
+    inbound_at = iter(inbound_ids)
+    audits: list[dict[str, str]] = []
+    results: list[Stored] = []
+    for write in writes:
+        ids: list[int] = []
+        pending_ids: list[int] = []
+        accepted: list[int] = []
+        all_posts: list[int] = []
+        states: dict[str, PostState] = {}
+        logged: list[Logged] = []
+        for kind, group in write.targets.items():
+            inbound_id = next(inbound_at)
+            ids.append(inbound_id)
+            if kind not in HANDLED:
+                pending_ids.append(inbound_id)
+            if kind is Kind.OWNER:
+                inbound = session.get_one(InboundMessage, inbound_id)
+                forwarded = _forward_to_owners(session, inbound, group, write.msg)
+                accepted.extend(forwarded)
+                all_posts.extend(forwarded)
+            if kind is not Kind.POST:
+                continue
+            for mlist, ctx, decision in write.decisions:
+                post_id = next(new_posts)
+                state = _STATES[decision.action]
+                audits.append(
+                    {
+                        "actor": ctx.sender[:320],
+                        "action": f"post.{decision.action.value}",
+                        "list_address": mlist.address,
+                        "detail": f"post {post_id}: {write.about.entry}"
+                        + (f"; {decision.reason}" if decision.reason else ""),
+                    }
+                )
+                all_posts.append(post_id)
+                states[mlist.address] = state
+                if state is PostState.ACCEPTED:
+                    accepted.append(post_id)
+                reason = f" ({decision.reason})" if decision.reason else ""
+                logged.append((post_id, mlist.address, ctx.sender, state.value, reason))
+        outcome = Outcome(
+            _stored_reply(all_posts, pending_ids),
+            inbound_ids=tuple(ids),
+            accepted_posts=tuple(accepted),
+            posts=states,
+            post_ids=tuple(all_posts),
         )
-        session.add(inbound)
-        session.flush()
-        inbound_ids.append(inbound.id)
-        if inbound.state is InboundState.PENDING:
-            pending_ids.append(inbound.id)
-        if kind is Kind.OWNER:
-            forwarded = _forward_to_owners(session, inbound, group, msg)
-            post_ids.extend(forwarded)
-            all_posts.extend(forwarded)
-        if kind is not Kind.POST:
-            continue
-        for mlist, ctx, decision in decisions:
-            state = _STATES[decision.action]
-            post = Post(
-                list_id=mlist.id,
-                inbound_id=inbound.id,
-                state=state,
-                reason=decision.reason,
-                sender=ctx.sender[:320],
-                subject=(mail.header(msg, "Subject") or "")[:998],
-                message_id=(mail.header(msg, "Message-ID") or "")[:998],
-            )
-            session.add(post)
-            session.flush()
-            lists.audit(
-                session,
-                ctx.sender[:320],
-                f"post.{decision.action.value}",
-                mlist.address,
-                f"post {post.id}: {_about(msg)}"
-                + (f"; {decision.reason}" if decision.reason else ""),
-            )
-            all_posts.append(post.id)
-            states[mlist.address] = state
-            if state is PostState.ACCEPTED:
-                post_ids.append(post.id)
-            log.info(
-                "post %d to %s from %s: %s%s",
-                post.id,
-                mlist.address,
-                ctx.sender,
-                state.value,
-                f" ({decision.reason})" if decision.reason else "",
-            )
-    return Outcome(
-        _stored_reply(all_posts, pending_ids),
-        inbound_ids=tuple(inbound_ids),
-        accepted_posts=tuple(post_ids),
-        posts=states,
-        post_ids=tuple(all_posts),
-    )
+        results.append((outcome, logged))
+    if audits:
+        session.execute(sa.insert(AuditEntry), audits)
+    return results
 
 
-def _about(msg: EmailMessage) -> str:
-    """The post as an audit entry names it."""
-    subject = " ".join((mail.header(msg, "Subject") or "").split())[:200]
-    message_id = (mail.header(msg, "Message-ID") or "").strip()[:200]
+def _insert(
+    session: Session, model: type[InboundMessage] | type[Post], rows: list[dict[str, object]]
+) -> list[int]:
+    """Insert rows in one statement; their new ids, in the rows' order."""
+    if not rows:
+        return []
+    statement = sa.insert(model).returning(model.id, sort_by_parameter_order=True)
+    return list(session.scalars(statement, rows))
+
+
+@dataclass(frozen=True, slots=True)
+class _About:
+    """Subject and Message-ID, read (parsed) once per message, outside the write lock."""
+
+    subject: str
+    message_id: str
+    #: the post as an audit entry names it
+    entry: str
+
+    @classmethod
+    def of(cls, msg: EmailMessage) -> _About:
+        subject = mail.header(msg, "Subject") or ""
+        message_id = mail.header(msg, "Message-ID") or ""
+        return cls(subject, message_id, _about(msg, subject, message_id))
+
+
+def _about(msg: EmailMessage, subject: str | None = None, message_id: str | None = None) -> str:
+    """The post as an audit entry names it (`subject`, `message_id`: already read)."""
+    if subject is None:
+        subject = mail.header(msg, "Subject") or ""
+    if message_id is None:
+        message_id = mail.header(msg, "Message-ID") or ""
+    subject = " ".join(subject.split())[:200]
+    message_id = message_id.strip()[:200]
     return f"subject {subject!r}" + (f", {message_id}" if message_id else "")
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -36,6 +37,28 @@ log = logging.getLogger("listserv.smtp")
 
 #: seconds between two log lines about refused connections (a flood logs a count)
 REFUSAL_LOG_INTERVAL = 10.0
+
+#: `<dot-atom@ASCII-domain>`, the path nearly every MAIL and RCPT carries
+_SIMPLE_PATH = re.compile(
+    r"<([A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+    r"@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)>"
+)
+
+
+def simple_path(arg: str) -> tuple[str, str] | None:
+    """(address, rest) of a plain `<local@domain> PARAMS` path, as aiosmtpd's
+    `_getaddr` would give them; None for anything else (quoted local parts,
+    comments, UTF-8, the null path), which aiosmtpd's parser then reads.
+
+    aiosmtpd reads every path with the email package's RFC 5322 header parser:
+    about 4 % of the daemon's CPU at 100 clients, for two addresses a message."""
+    match = _SIMPLE_PATH.match(arg)
+    if match is None:
+        return None
+    rest = arg[match.end() :].lstrip(" \t")
+    if rest.startswith("("):  # a comment: the parser's to skip
+        return None
+    return match.group(1), rest
 
 
 class InboundServer:
@@ -264,6 +287,14 @@ class ListservSMTP(SMTP):
             await method(arg)
 
         return counted
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # aiosmtpd 1.4 internal: MAIL and RCPT parse their path here
+        simple = None if self.local_part_limit else simple_path(arg)
+        if simple is None:
+            found: tuple[str | None, str | None] = super()._getaddr(arg)
+            return found
+        return simple
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
