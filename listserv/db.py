@@ -27,6 +27,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from listserv import memory
 from listserv.errors import DatabaseError
 
 MIGRATIONS = str(Path(__file__).with_name("migrations"))
@@ -46,6 +47,7 @@ class Database:
         self.engine = sa.create_engine(self.url, **kwargs)
         if self.is_sqlite:
             _configure_sqlite(self.engine)
+            _drop_large_bindings(self.engine)
         self._write = sessionmaker(self.engine, expire_on_commit=False)
         self._sqlite_writer = threading.Lock()
         self._lock_fd: int | None = None
@@ -232,3 +234,49 @@ def _configure_sqlite(engine: sa.Engine, *, foreign_keys: bool = True) -> None:
                 conn.exec_driver_sql(f"PRAGMA synchronous={sync}")
                 conn.info["synchronous"] = sync
         conn.exec_driver_sql(f"BEGIN {begin}")
+
+
+#: Connection.info key: the connection bound a value of a megabyte or more
+_LARGE_BINDING = "listserv_large_binding"
+
+
+def _drop_large_bindings(engine: sa.Engine) -> None:
+    """A connection that wrote a large value is closed when it goes back to the pool.
+
+    Python's sqlite3 keeps each prepared statement in a per-connection cache and
+    never clears its bindings, and SQLite keeps its own copy of a bound blob: every
+    pooled connection that stored a 10 MB message held another 10 MB until the same
+    statement ran again (issue 15: about 80 MB after eight large posts). Reopening an
+    SQLite connection takes well under a millisecond, and only large mail does it.
+    """
+
+    @event.listens_for(engine, "after_cursor_execute")
+    def _after(
+        conn: sa.Connection,
+        _cursor: Any,
+        _statement: str,
+        parameters: Any,
+        _context: Any,
+        _executemany: bool,
+    ) -> None:
+        if _large(parameters):
+            conn.info[_LARGE_BINDING] = True
+
+    @event.listens_for(engine.pool, "checkin")
+    def _checkin(_dbapi_conn: Any, record: Any) -> None:
+        if record is not None and record.info.pop(_LARGE_BINDING, False):
+            record.invalidate()
+
+
+def _large(parameters: Any, depth: int = 0) -> bool:
+    """Some value among the parameters (one row, or the rows of an executemany) is
+    a megabyte or more."""
+    if isinstance(parameters, bytes | bytearray | memoryview | str):
+        return len(parameters) >= memory.MMAP_THRESHOLD
+    if depth > 1:
+        return False
+    if isinstance(parameters, dict):
+        parameters = parameters.values()
+    elif not isinstance(parameters, list | tuple):
+        return False
+    return any(_large(value, depth + 1) for value in parameters)
