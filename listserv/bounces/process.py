@@ -25,6 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from listserv import addresses, lists, sitesecret
+from listserv import inbound as inbound_mail
 from listserv.addresses import Kind, ListAddress
 from listserv.bounces import parse, score, verp
 from listserv.bounces.parse import Report
@@ -34,7 +35,6 @@ from listserv.models import (
     BounceKind,
     Delivery,
     InboundMessage,
-    InboundState,
     MailingList,
     Post,
     PostState,
@@ -42,25 +42,11 @@ from listserv.models import (
 
 log = logging.getLogger("listserv.bounces")
 
-#: inbound rows read per round
-BATCH = 50
-
 
 def process_pending(db: Database, *, now: datetime) -> int:
     """Process stored bounce mail, oldest first; returns how many bounces and forwards
     it made (0: nothing for the scheduler)."""
-    with db.reading() as session:
-        ids = list(
-            session.scalars(
-                sa.select(InboundMessage.id)
-                .where(
-                    InboundMessage.kind == Kind.BOUNCES.value,
-                    InboundMessage.state == InboundState.PENDING,
-                )
-                .order_by(InboundMessage.id)
-                .limit(BATCH)
-            )
-        )
+    ids = inbound_mail.pending(db, [Kind.BOUNCES])
     done = 0
     for inbound_id in ids:
         try:
@@ -75,16 +61,9 @@ def process_pending(db: Database, *, now: datetime) -> int:
 
 def process(session: Session, inbound_id: int, *, now: datetime) -> int:
     """Claim and process one stored bounce mail."""
-    claimed = session.execute(
-        sa.update(InboundMessage)
-        .where(InboundMessage.id == inbound_id, InboundMessage.state == InboundState.PENDING)
-        .values(state=InboundState.DONE)
-        .execution_options(synchronize_session=False)
-    )
-    if claimed.rowcount != 1:  # type: ignore[attr-defined]
+    inbound = inbound_mail.claim(session, inbound_id)
+    if inbound is None:
         return 0  # another daemon has it
-    inbound = session.get_one(InboundMessage, inbound_id)
-    session.refresh(inbound)
     report = parse.parse(inbound.raw, inbound.mail_from)
     done = 0
     for rcpt in dict.fromkeys(inbound.rcpt_tos):
@@ -243,15 +222,6 @@ def _not_a_bounce(
 
 
 def _mark_failed(session: Session, inbound_id: int, reason: str) -> None:
-    session.execute(
-        sa.update(InboundMessage)
-        .where(InboundMessage.id == inbound_id)
-        .values(state=InboundState.FAILED)
-        .execution_options(synchronize_session=False)
-    )
-    log.warning(
-        "inbound %d: bounce mail failed: %s",
-        inbound_id,
-        reason,
-        extra={"event": "bounce_failed", "inbound_id": inbound_id},
+    inbound_mail.mark_failed(
+        session, inbound_id, reason, log=log, what="bounce mail", event="bounce_failed"
     )

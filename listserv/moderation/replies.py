@@ -19,23 +19,20 @@ import logging
 from datetime import UTC, datetime, tzinfo
 from email.message import EmailMessage
 
-import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from listserv import addresses, lists, mail, notices, tokens
+from listserv import inbound as inbound_mail
 from listserv.addresses import Kind
 from listserv.bounces import reenable
 from listserv.db import Database
 from listserv.errors import InvalidInput
-from listserv.models import InboundMessage, InboundState, MailingList, PostState, TokenKind
+from listserv.models import InboundMessage, MailingList, PostState, TokenKind
 from listserv.moderation import holds, verdicts
 from listserv.pipeline.auth import Authenticator
 from listserv.subscriptions import confirm as subscriptions
 
 log = logging.getLogger("listserv.moderation")
-
-#: inbound rows read per round
-BATCH = 50
 
 
 def _reply_authenticated(actor: str, mlist: MailingList, authenticated: frozenset[str]) -> bool:
@@ -77,18 +74,7 @@ def process_pending(
     tz: tzinfo = UTC,
 ) -> int:
     """Process stored confirm mail, oldest first; returns the number of notices queued."""
-    with db.reading() as session:
-        ids = list(
-            session.scalars(
-                sa.select(InboundMessage.id)
-                .where(
-                    InboundMessage.kind == Kind.CONFIRM.value,
-                    InboundMessage.state == InboundState.PENDING,
-                )
-                .order_by(InboundMessage.id)
-                .limit(BATCH)
-            )
-        )
+    ids = inbound_mail.pending(db, [Kind.CONFIRM])
     queued = 0
     for inbound_id in ids:
         try:
@@ -111,16 +97,9 @@ def process(
     tz: tzinfo = UTC,
 ) -> int:
     """Claim and process one stored confirm mail; returns the number of notices queued."""
-    claimed = session.execute(
-        sa.update(InboundMessage)
-        .where(InboundMessage.id == inbound_id, InboundMessage.state == InboundState.PENDING)
-        .values(state=InboundState.DONE)
-        .execution_options(synchronize_session=False)
-    )
-    if claimed.rowcount != 1:  # type: ignore[attr-defined]
+    inbound = inbound_mail.claim(session, inbound_id)
+    if inbound is None:
         return 0  # another daemon has it
-    inbound = session.get_one(InboundMessage, inbound_id)
-    session.refresh(inbound)
     msg = mail.parse(inbound.raw)
     queued = 0
     for rcpt in dict.fromkeys(inbound.rcpt_tos):
@@ -247,15 +226,6 @@ def _reenable(
 
 
 def _mark_failed(session: Session, inbound_id: int, reason: str) -> None:
-    session.execute(
-        sa.update(InboundMessage)
-        .where(InboundMessage.id == inbound_id)
-        .values(state=InboundState.FAILED)
-        .execution_options(synchronize_session=False)
-    )
-    log.warning(
-        "inbound %d: confirm mail failed: %s",
-        inbound_id,
-        reason,
-        extra={"event": "confirm_failed", "inbound_id": inbound_id},
+    inbound_mail.mark_failed(
+        session, inbound_id, reason, log=log, what="confirm mail", event="confirm_failed"
     )

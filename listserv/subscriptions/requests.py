@@ -29,16 +29,15 @@ from dataclasses import dataclass
 from datetime import datetime
 from email.message import EmailMessage
 
-import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from listserv import addresses, lists, mail, members, notices, tokens
+from listserv import inbound as inbound_mail
 from listserv.addresses import Kind
 from listserv.db import Database
 from listserv.errors import InvalidAddress
 from listserv.models import (
     InboundMessage,
-    InboundState,
     MailingList,
     Role,
     SubscriptionPolicy,
@@ -50,8 +49,6 @@ from listserv.subscriptions.commands import Command, Verb, read
 
 log = logging.getLogger("listserv.subscriptions")
 
-#: inbound rows read per round
-BATCH = 50
 #: the kinds of stored mail this module consumes
 KINDS = (Kind.REQUEST, Kind.JOIN, Kind.LEAVE)
 #: members listed by `who` at most (the rest are counted)
@@ -93,18 +90,7 @@ def process_pending(
     per_hour: int = confirm.PER_HOUR,
 ) -> int:
     """Process stored request, join and leave mail, oldest first; returns how many."""
-    with db.reading() as session:
-        ids = list(
-            session.scalars(
-                sa.select(InboundMessage.id)
-                .where(
-                    InboundMessage.kind.in_([k.value for k in KINDS]),
-                    InboundMessage.state == InboundState.PENDING,
-                )
-                .order_by(InboundMessage.id)
-                .limit(BATCH)
-            )
-        )
+    ids = inbound_mail.pending(db, KINDS)
     done = 0
     for inbound_id in ids:
         try:
@@ -157,16 +143,9 @@ def process(
     per_hour: int = confirm.PER_HOUR,
 ) -> int:
     """Claim and process one stored request; returns 1 when it was ours to process."""
-    claimed = session.execute(
-        sa.update(InboundMessage)
-        .where(InboundMessage.id == inbound_id, InboundMessage.state == InboundState.PENDING)
-        .values(state=InboundState.DONE)
-        .execution_options(synchronize_session=False)
-    )
-    if claimed.rowcount != 1:  # type: ignore[attr-defined]
+    inbound = inbound_mail.claim(session, inbound_id)
+    if inbound is None:
         return 0  # another daemon has it
-    inbound = session.get_one(InboundMessage, inbound_id)
-    session.refresh(inbound)
     msg = mail.parse(inbound.raw)
     for rcpt in dict.fromkeys(inbound.rcpt_tos):
         kind, mlist = _list_of(session, rcpt)
@@ -436,15 +415,6 @@ def remove(writer: Writer, given: str) -> Result:
 
 
 def _mark_failed(session: Session, inbound_id: int, reason: str) -> None:
-    session.execute(
-        sa.update(InboundMessage)
-        .where(InboundMessage.id == inbound_id)
-        .values(state=InboundState.FAILED)
-        .execution_options(synchronize_session=False)
-    )
-    log.warning(
-        "inbound %d: request failed: %s",
-        inbound_id,
-        reason,
-        extra={"event": "request_failed", "inbound_id": inbound_id},
+    inbound_mail.mark_failed(
+        session, inbound_id, reason, log=log, what="request", event="request_failed"
     )

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable
 from datetime import datetime
 
+from listserv import inbound as inbound_mail
 from listserv.config import Settings
 from listserv.db import Database
 from listserv.models import utcnow
@@ -64,5 +65,5 @@ def run_once(
     while True:
         n = requests.process_pending(db, now=now, authenticator=authenticator, per_hour=per_hour)
         done += n
-        if n < requests.BATCH:
+        if n < inbound_mail.BATCH:
             return done
