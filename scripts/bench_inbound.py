@@ -9,6 +9,14 @@ one post to it; then, for each concurrency C in --clients, C clients each send
 posts/s, p50 and p99 from the start of a transaction to its 250, and, with a
 fan-out, when that post finished. It asserts nothing. Everything runs on 127.0.0.1.
 
+Two kinds of rounds. Back to back (closed loop), each client sends its next post
+as soon as the last one got its 250: that measures the most the daemon takes,
+and its latency is queueing by construction (C clients at X posts/s wait about
+C/X seconds each, Little's law). Offered (open loop, --rate R at
+--rate-clients C): the C clients together send R posts/s on a fixed schedule,
+as independent senders do, and each post is timed from when it was due: that
+measures the time to the 250 at a given load.
+
     python scripts/bench_inbound.py --clients 1,10,100 --posts 20 --fanout 100000
 """
 
@@ -39,14 +47,28 @@ BIG = "big@lists.example.org"
 SENDER = "president@example.org"
 
 
-async def one_client(port: int, posts: int, message: bytes, latencies: list[float]) -> None:
+async def one_client(
+    port: int,
+    posts: int,
+    message: bytes,
+    latencies: list[float],
+    interval: float = 0.0,
+    phase: float = 0.0,
+) -> None:
+    """Send `posts` posts over one connection: back to back (`interval` 0), or one
+    every `interval` seconds from `phase` on, each timed from when it was due, so a
+    slow answer counts against every post it delayed (no coordinated omission)."""
     import aiosmtplib
 
     smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=60)
     await smtp.connect()
+    begin = time.perf_counter() + phase
     try:
-        for _ in range(posts):
-            started = time.perf_counter()
+        for i in range(posts):
+            due = begin + i * interval
+            if interval:
+                await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            started = due if interval else time.perf_counter()
             await smtp.sendmail(SENDER, [SMALL], message)
             latencies.append(time.perf_counter() - started)
     finally:
@@ -54,11 +76,20 @@ async def one_client(port: int, posts: int, message: bytes, latencies: list[floa
 
 
 async def round_of(
-    port: int, clients: int, posts: int, message: bytes
+    port: int, clients: int, posts: int, message: bytes, rate: float = 0.0
 ) -> tuple[float, list[float]]:
+    """Closed loop (rate 0): every client sends as soon as its last post got its
+    answer. Open loop: `rate` posts/s offered in all, each client sending one post
+    every clients/rate seconds, the clients' starts spread evenly over one interval."""
     latencies: list[float] = []
+    interval = clients / rate if rate else 0.0
     started = time.perf_counter()
-    await asyncio.gather(*(one_client(port, posts, message, latencies) for _ in range(clients)))
+    await asyncio.gather(
+        *(
+            one_client(port, posts, message, latencies, interval, interval * i / clients)
+            for i in range(clients)
+        )
+    )
     return time.perf_counter() - started, sorted(latencies)
 
 
@@ -98,6 +129,15 @@ def main() -> None:
     parser.add_argument("--posts", type=int, default=20, help="posts per client")
     parser.add_argument(
         "--fanout", type=int, default=0, help="members of a big post sent meanwhile"
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=200.0,
+        help="posts/s offered in all in the open-loop rounds (0: none)",
+    )
+    parser.add_argument(
+        "--rate-clients", default="100", help="comma-separated concurrencies of the open loop"
     )
     parser.add_argument("--workers", type=int, default=0, help="serve --workers K")
     parser.add_argument("--database", default="", help="a database URL (default: SQLite)")
@@ -152,11 +192,17 @@ def main() -> None:
                 f"fairness:           {fairness(smtp_port, db_url, message):.2f} s from the 250"
                 " of a 200-member post to its last recipient, during the fan-out"
             )
-        for clients in (int(c) for c in args.clients.split(",")):
-            seconds, latencies = asyncio.run(round_of(smtp_port, clients, args.posts, message))
+        rounds = [(int(c), 0.0) for c in args.clients.split(",") if c]
+        if args.rate:
+            rounds += [(int(c), args.rate) for c in args.rate_clients.split(",") if c]
+        for clients, rate in rounds:
+            seconds, latencies = asyncio.run(
+                round_of(smtp_port, clients, args.posts, message, rate)
+            )
             total = clients * args.posts
+            how = f"offered {rate:.0f}/s" if rate else "back to back"
             print(
-                f"{clients:>4} clients:       {total / seconds:7.1f} posts/s,"
+                f"{clients:>4} clients, {how:>14}: {total / seconds:7.1f} posts/s,"
                 f" p50 {percentile(latencies, 0.5) * 1000:6.1f} ms,"
                 f" p99 {percentile(latencies, 0.99) * 1000:6.1f} ms to the 250"
             )

@@ -104,7 +104,7 @@ class GroupCommit(Generic[I, R]):
 
     def _commit(self, group: list[_Waiter[I, R]]) -> None:
         try:
-            with self.db.session() as session:  # durable: flushed to disk at commit
+            with self.db.session(first=True) as session:  # durable, ahead of bookkeeping
                 values = self.write_many(session, [w.item for w in group])
         except BaseException as exc:
             if len(group) > 1 and isinstance(exc, Exception):

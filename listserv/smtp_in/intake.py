@@ -238,7 +238,7 @@ def _receive(
 
     write = Write(stored, targets, decisions, msg, _About.of(msg))
     if committer is None:
-        with db.session() as session:  # durable: committed before the 250
+        with db.session(first=True) as session:  # durable: committed before the 250
             [(outcome, logged)] = store_many(session, [write])
     else:  # the same, sharing the commit (and its inserts) with other sessions' mail
         outcome, logged = committer.run(write)
