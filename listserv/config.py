@@ -46,6 +46,10 @@ class ServerSettings:
     max_connections_per_ip: int = 50
     #: commands in one session before "421 4.7.0"
     max_commands: int = 10000
+    #: processes taking SMTP sessions (2 or more: child processes accepting from the
+    #: port the daemon binds): one Python process takes about 220 posts/s on 2 cores,
+    #: its interpreter lock the limit. The connection limits above hold in each.
+    listeners: int = 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -471,6 +475,8 @@ def _validate(s: Settings) -> None:
     positive("delivery", "poll_interval", s.delivery.poll_interval)
     if not 0 <= s.delivery.workers <= 64:
         raise ConfigError(f"{s.source}: [delivery] workers: must be 0..64")
+    if not 1 <= s.server.listeners <= 64:
+        raise ConfigError(f"{s.source}: [server] listeners: must be 1..64")
     positive("delivery", "retry_factor", s.delivery.retry_factor)
     if s.delivery.retry_initial < 0:
         raise ConfigError(f"{s.source}: [delivery] retry_initial: must not be negative")

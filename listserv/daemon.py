@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
+import socket
 import sys
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 from aiohttp import web
@@ -36,24 +39,37 @@ log = logging.getLogger("listserv.daemon")
 #: how long a stop waits for inbound sessions storing a message (seconds)
 INBOUND_DRAIN = 30.0
 
+#: makes the pool of SMTP listener processes serving the listening sockets with these
+#: descriptors; each child's stdout bytes (a post it accepted) call the second argument
+ListenerPool = Callable[[list[int], Callable[[], None]], WorkerPool]
+
 
 class Daemon:
     """role "all": one process does everything; "front": SMTP, HTTP and scheduler,
-    with `workers` (a WorkerPool) delivering; "delivery": a worker of such a pool."""
+    with `workers` (a WorkerPool) delivering; "delivery": a worker of such a pool;
+    "listener": SMTP sessions only, on `listen_fds`, the sockets of an "all" or
+    "front" daemon whose `listeners(fds, on_accepted)` made a pool of them; that
+    daemon then takes no SMTP sessions itself."""
 
     def __init__(
         self,
         settings: Settings,
         db: Database | None = None,
         *,
-        role: Literal["all", "front", "delivery"] = "all",
+        role: Literal["all", "front", "delivery", "listener"] = "all",
         workers: WorkerPool | None = None,
+        listeners: ListenerPool | None = None,
+        listen_fds: Sequence[int] = (),
     ) -> None:
         if (role == "front") != (workers is not None):
             raise ValueError("a front daemon, and only it, has a worker pool")
+        if listeners is not None and role not in ("all", "front"):
+            raise ValueError("only a daemon with the scheduler starts more listeners")
         self.settings = settings
         self.role = role
         self.workers = workers
+        self.listeners = listeners
+        self.listen_fds = list(listen_fds)
         self.db = db or Database(settings.database.url, echo=settings.database.echo)
         self.ready = asyncio.Event()
         self.smtp_port: int = 0
@@ -82,6 +98,9 @@ class Daemon:
 
     async def _run(self, liveness: Liveness) -> None:
         s = self.settings
+        if self.role == "listener":
+            await self._listen_only()
+            return
         engine = DeliveryEngine(self.db, s, worker=self.worker, liveness=liveness, stop=self._stop)
         self.engine = engine
         if self.role == "delivery":
@@ -89,16 +108,26 @@ class Daemon:
             return
         on_queued = engine.wake if self.workers is None else self.workers.wake
         authenticator = await asyncio.to_thread(Authenticator.from_settings, s)
-        server = await InboundServer.start(
-            self.db,
-            s.server,
-            on_accepted=self._posts_waiting.set,
-            policy=s.policy,
-            authenticator=authenticator,
-        )
+        # SMTP sessions here, or in listener processes on the port this process holds
+        server: InboundServer | None = None
+        port: asyncio.Server | None = None
+        listeners: WorkerPool | None = None
+        if self.listeners is None:
+            server = await InboundServer.start(
+                self.db,
+                s.server,
+                on_accepted=self._posts_waiting.set,
+                policy=s.policy,
+                authenticator=authenticator,
+            )
+            self.smtp_port = server.port
+        else:
+            port = await InboundServer.bind(s.server)
+            self.smtp_port = port.sockets[0].getsockname()[1]
+            fds = [sock.fileno() for sock in port.sockets]
+            listeners = self.listeners(fds, self._posts_waiting.set)
         runner: web.AppRunner | None = None
         try:
-            self.smtp_port = server.port
             if s.http.enabled:
                 runner = web.AppRunner(http.make_app(self.db), access_log=None)
                 await runner.setup()
@@ -106,10 +135,11 @@ class Daemon:
                 await site.start()
                 self.http_port = runner.addresses[0][1]
             log.info(
-                "listening for SMTP on %s:%d%s; delivering via %s:%d with %d connections"
+                "listening for SMTP on %s:%d%s%s; delivering via %s:%d with %d connections"
                 " as worker %s",
                 s.server.host,
                 self.smtp_port,
+                f" in {listeners.count} processes" if listeners else "",
                 f", HTTP on {s.http.host}:{self.http_port}" if runner else "",
                 s.delivery.host,
                 s.delivery.port,
@@ -134,6 +164,8 @@ class Daemon:
                     group.create_task(engine.run())
                 else:
                     group.create_task(self.workers.run(self._stop))
+                if listeners is not None:
+                    group.create_task(listeners.run(self._stop))
                 # holds: announce, read moderators' replies, expire, remind
                 group.create_task(
                     moderation.run(
@@ -165,35 +197,83 @@ class Daemon:
                 self.ready.set()
                 await self._stop.wait()
                 log.info("shutting down: no new mail accepted, finishing what is in hand")
-                server.close()  # idle sessions get 421; one storing a message gets its reply
+                if server is not None:  # idle sessions get 421; a storing one its reply
+                    server.close()
                 self._posts_waiting.set()
         finally:
-            await server.drain(INBOUND_DRAIN)
+            if server is not None:
+                await server.drain(INBOUND_DRAIN)
+            if port is not None:  # its listeners have stopped
+                port.close()
+                await port.wait_closed()
             if runner is not None:
                 await runner.cleanup()
 
     async def _deliver_only(self, engine: DeliveryEngine) -> None:
         """A worker of `serve --workers N`: its front wakes it through stdin."""
+        front = await self._watch_front(engine.wake)
+        log.info("delivery worker %s: delivering via %s:%d", self.worker, *self._smarthost())
+        self.ready.set()
+        try:
+            await engine.run()
+        finally:
+            front.cancel()
+
+    async def _listen_only(self) -> None:
+        """A listener of `serve --listeners N`: SMTP sessions on the front's sockets.
+
+        Each accepted post is a byte on stdout: the front's scheduler starts on it
+        at once. A byte that cannot be written (the pipe is full, the front gone)
+        only costs the scheduler's next poll.
+        """
+        s = self.settings
+        out = sys.stdout.fileno()
+        os.set_blocking(out, False)
+
+        def accepted() -> None:
+            try:
+                os.write(out, b"a")
+            except (BlockingIOError, BrokenPipeError):
+                pass
+
+        authenticator = await asyncio.to_thread(Authenticator.from_settings, s)
+        server = await InboundServer.start(
+            self.db,
+            s.server,
+            on_accepted=accepted,
+            policy=s.policy,
+            authenticator=authenticator,
+            sockets=[socket.socket(fileno=fd) for fd in self.listen_fds],
+        )
+        front = await self._watch_front(lambda: None)
+        try:
+            self.smtp_port = server.port
+            log.info("SMTP listener: listening on %s:%d", s.server.host, self.smtp_port)
+            self.ready.set()
+            await self._stop.wait()
+        finally:
+            front.cancel()
+            await server.drain(INBOUND_DRAIN)
+
+    async def _watch_front(self, on_byte: Callable[[], None]) -> asyncio.Task[None]:
+        """Read the front's bytes on stdin (`on_byte` each time); stop when it closes.
+        Cancel the task returned to stop watching."""
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader()
         transport, _ = await loop.connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(reader), sys.stdin
         )
 
-        async def listen() -> None:
-            while await reader.read(512):
-                engine.wake()
-            log.info("the front process is gone: stopping")
-            self.stop()
+        async def watch() -> None:
+            try:
+                while await reader.read(512):
+                    on_byte()
+                log.info("the front process is gone: stopping")
+                self.stop()
+            finally:
+                transport.close()
 
-        log.info("delivery worker %s: delivering via %s:%d", self.worker, *self._smarthost())
-        listener = asyncio.create_task(listen())
-        self.ready.set()
-        try:
-            await engine.run()
-        finally:
-            listener.cancel()
-            transport.close()
+        return asyncio.create_task(watch())
 
     def _smarthost(self) -> tuple[str, int]:
         return self.settings.delivery.host, self.settings.delivery.port

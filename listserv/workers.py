@@ -1,4 +1,5 @@
-"""Delivery worker processes beside one SMTP listener (`listserv serve --workers N`).
+"""Child processes of `listserv serve`: delivery workers (`--workers N`) and more
+SMTP listeners (`--listeners N`).
 
 One Python process sends with one core: SMTP framing, rendering and signing all
 hold the interpreter lock. With N workers the front process keeps the SMTP
@@ -11,6 +12,12 @@ The front wakes the workers when a post is queued by writing a byte to each
 child's stdin; a worker whose stdin closes (its front is gone) stops. A worker
 that exits unexpectedly is started again, after a pause that doubles up to a
 minute so a worker failing at start-up does not spin.
+
+Listeners (`listserv serve --listen-only`) are the same kind of child the other
+way round: each takes SMTP sessions from the listening sockets the front bound
+and passed down (every listener accepts from the one queue), and writes a byte to
+its stdout when it accepted a post, so the front's scheduler starts on it at once
+instead of at its next poll.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 log = logging.getLogger("listserv.workers")
 
@@ -27,10 +34,26 @@ RESTART_PAUSE_MAX = 60.0
 
 
 class WorkerPool:
-    def __init__(self, argv: Sequence[str], count: int, *, stop_timeout: float) -> None:
+    """`count` children running `argv`, started again when one exits; `kind` names
+    them in the log; `on_output` is called each time a child writes to its stdout;
+    `pass_fds` are descriptors the children inherit (listening sockets)."""
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        count: int,
+        *,
+        stop_timeout: float,
+        kind: str = "delivery worker",
+        on_output: Callable[[], None] | None = None,
+        pass_fds: Sequence[int] = (),
+    ) -> None:
         self.argv = list(argv)
         self.count = count
         self.stop_timeout = stop_timeout
+        self.kind = kind
+        self.on_output = on_output
+        self.pass_fds = tuple(pass_fds)
         self._procs: dict[int, asyncio.subprocess.Process] = {}
 
     @property
@@ -65,7 +88,8 @@ class WorkerPool:
                         continue
                     code = task.result()
                     log.error(
-                        "delivery worker %d exited with status %s; starting it again in %.0f s",
+                        "%s %d exited with status %s; starting it again in %.0f s",
+                        self.kind,
                         index,
                         code,
                         pauses[index],
@@ -85,9 +109,17 @@ class WorkerPool:
 
     async def _start(self, index: int) -> int:
         """Run worker `index` until it exits; returns its exit status."""
-        proc = await asyncio.create_subprocess_exec(*self.argv, stdin=asyncio.subprocess.PIPE)
+        proc = await asyncio.create_subprocess_exec(
+            *self.argv,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE if self.on_output else None,
+            pass_fds=self.pass_fds,
+        )
         self._procs[index] = proc
-        log.info("delivery worker %d started (pid %d)", index, proc.pid)
+        log.info("%s %d started (pid %d)", self.kind, index, proc.pid)
+        if proc.stdout is not None and self.on_output is not None:
+            while await proc.stdout.read(512):
+                self.on_output()
         return await proc.wait()
 
     async def _stop_all(self) -> None:
@@ -103,7 +135,7 @@ class WorkerPool:
         _, pending = await asyncio.wait(waits, timeout=self.stop_timeout)
         for proc in procs:
             if proc.returncode is None:
-                log.error("delivery worker pid %d did not stop in time: killed", proc.pid)
+                log.error("%s pid %d did not stop in time: killed", self.kind, proc.pid)
                 proc.kill()
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)

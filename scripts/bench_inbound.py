@@ -39,6 +39,7 @@ from bench_fanout import (
     loopback_dns,
     post_message,
     run,
+    wait_daemons_ready,
     wait_port,
 )
 
@@ -140,6 +141,7 @@ def main() -> None:
         "--rate-clients", default="100", help="comma-separated concurrencies of the open loop"
     )
     parser.add_argument("--workers", type=int, default=0, help="serve --workers K")
+    parser.add_argument("--listeners", type=int, default=1, help="serve --listeners K")
     parser.add_argument("--database", default="", help="a database URL (default: SQLite)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="listserv-inbound-"))
@@ -177,9 +179,13 @@ def main() -> None:
                 + "".join(f"member{i}@d{i % 200}.example,,member\n" for i in range(args.fanout))
             )
             run([*LISTSERV, "members", "import", BIG, str(csv_path)], env)
-        serve = [*LISTSERV, "serve"] + (["--workers", str(args.workers)] if args.workers else [])
+        serve = [*LISTSERV, "serve", "--listeners", str(args.listeners)]
+        serve += ["--workers", str(args.workers)] if args.workers else []
         daemon = subprocess.Popen(serve, env=env)
         wait_port(smtp_port, daemon)
+        # every process started (each holds its liveness lock), then a moment to bind
+        wait_daemons_ready(db_url, 1 + args.workers + (args.listeners if args.listeners > 1 else 0))
+        time.sleep(1.0)
         message = post_message(2000)
         if args.fanout:
             import smtplib

@@ -20,8 +20,9 @@ import asyncio
 import functools
 import logging
 import re
+import socket
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, syntax
@@ -67,7 +68,7 @@ class InboundServer:
     def __init__(self, handler: InboundHandler, settings: ServerSettings) -> None:
         self.handler = handler
         self.settings = settings
-        self._server: asyncio.Server | None = None
+        self._servers: list[asyncio.Server] = []
         self._sessions: set[ListservSMTP] = set()
         self._per_ip: Counter[str] = Counter()
         self._no_sessions = asyncio.Event()
@@ -85,8 +86,10 @@ class InboundServer:
         on_accepted: Callable[[], None] = lambda: None,
         policy: PolicySettings | None = None,
         authenticator: Authenticator | None = None,
+        sockets: Sequence[socket.socket] = (),
     ) -> InboundServer:
-        """Listen on settings.host:port (port 0: any free port, see `port`)."""
+        """Listen on settings.host:port (port 0: any free port, see `port`), or take
+        sessions on `sockets`, listening already (`bind`, in a parent process)."""
         inbound = cls(
             InboundHandler(
                 db,
@@ -97,15 +100,32 @@ class InboundServer:
             settings,
         )
         loop = asyncio.get_running_loop()
-        inbound._server = await loop.create_server(
-            lambda: ListservSMTP(inbound), settings.host, settings.port
-        )
+        if sockets:
+            for sock in sockets:
+                inbound._servers.append(
+                    await loop.create_server(lambda: ListservSMTP(inbound), sock=sock)
+                )
+        else:
+            inbound._servers.append(
+                await loop.create_server(
+                    lambda: ListservSMTP(inbound), settings.host, settings.port
+                )
+            )
         return inbound
+
+    @staticmethod
+    async def bind(settings: ServerSettings) -> asyncio.Server:
+        """Listen on settings.host:port without taking connections: for listener
+        processes (`start(sockets=...)`) to take them from these sockets. Every
+        process then accepts from one queue, and no other daemon can share the port."""
+        loop = asyncio.get_running_loop()
+        return await loop.create_server(
+            asyncio.Protocol, settings.host, settings.port, start_serving=False
+        )
 
     @property
     def port(self) -> int:
-        assert self._server is not None
-        port: int = self._server.sockets[0].getsockname()[1]
+        port: int = self._servers[0].sockets[0].getsockname()[1]
         return port
 
     @property
@@ -117,8 +137,8 @@ class InboundServer:
         if self._closing:
             return
         self._closing = True
-        if self._server is not None:
-            self._server.close()
+        for server in self._servers:
+            server.close()
         if self._sessions:
             log.info("closing %d SMTP sessions", len(self._sessions))
         for session in list(self._sessions):
@@ -133,8 +153,8 @@ class InboundServer:
             log.warning("%d SMTP sessions still open after %.0fs: aborted", self.sessions, timeout)
             for session in list(self._sessions):
                 session.abort()
-        if self._server is not None:
-            await self._server.wait_closed()
+        for server in self._servers:
+            await server.wait_closed()
         self.handler.close()
 
     def admit(self, session: ListservSMTP, ip: str) -> Reply | None:
