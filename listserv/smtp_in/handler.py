@@ -29,8 +29,12 @@ T = TypeVar("T")
 #: threads deciding and storing mail for the SMTP sessions at once. Most of them
 #: wait (for the group commit's flush, for DNS), and the pool bounds how many
 #: messages one commit can take: at 100 clients on 2 cores, 8 threads gave about
-#: 90 posts/s, 24 about 150, 48 about 190, 64 about 225, 96 about 210.
+#: 90 posts/s, 24 about 150, 48 about 190, 64 about 225, 96 about 210 (SQLite).
 INTAKE_THREADS = 64
+#: on PostgreSQL, where a thread deciding holds a pooled connection: within the pool
+#: (db.POOL_SIZE), or connections are opened and closed for every few posts. With
+#: 3 listeners at 100 clients: 64 threads gave 207 posts/s, 16 gave 240.
+INTAKE_THREADS_POSTGRESQL = 16
 #: seconds after a large message was stored before malloc's free pages are trimmed
 TRIM_AFTER = 1.0
 
@@ -53,7 +57,8 @@ class InboundHandler:
         # Sessions decide and store in threads of their own: a session waiting on DNS
         # (sender authentication) must not take the loop's default pool (6 threads on
         # 2 cores) from the dispatcher's and the scheduler's database round trips.
-        self._executor = ThreadPoolExecutor(INTAKE_THREADS, thread_name_prefix="intake")
+        threads = INTAKE_THREADS if db.is_sqlite else INTAKE_THREADS_POSTGRESQL
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="intake")
         # sessions storing at the same moment share one durable commit (commit.py)
         self.committer = intake.committer(db)
 
