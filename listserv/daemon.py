@@ -199,6 +199,8 @@ class Daemon:
                 log.info("shutting down: no new mail accepted, finishing what is in hand")
                 if server is not None:  # idle sessions get 421; a storing one its reply
                     server.close()
+                if port is not None:  # the listeners close theirs as they stop
+                    port.close()
                 self._posts_waiting.set()
         finally:
             if server is not None:
