@@ -36,7 +36,8 @@ def parse(raw: bytes) -> EmailMessage:
         except Exception:  # the full parse meets the same header, as it always did
             whole = True
         if not whole:
-            msg.set_payload(raw[end:].decode("ascii", "surrogateescape"))  # as the parser does
+            body = memoryview(raw)[end:]  # decoded as the parser does, without a copy first
+            msg.set_payload(str(body, "ascii", "surrogateescape"))
             return msg
     msg = BytesParser(policy=POLICY).parsebytes(raw)
     assert isinstance(msg, EmailMessage)
@@ -133,5 +134,8 @@ class _Generator(BytesGenerator):
 
     def _write_lines(self, lines: str) -> None:
         # the same as joining re.split(r"\r\n|\r|\n", lines) with self._NL
-        if lines:
-            self.write(lines.replace("\r\n", "\n").replace("\r", "\n").replace("\n", self._NL))  # type: ignore[attr-defined]
+        newline: str = self._NL  # type: ignore[attr-defined]
+        only_crlf = lines.count("\r\n") == lines.count("\r") == lines.count("\n")
+        if not (newline == "\r\n" and only_crlf):  # else already as it must be: no copy
+            lines = lines.replace("\r\n", "\n").replace("\r", "\n").replace("\n", newline)
+        self.write(lines)
