@@ -24,9 +24,9 @@ def parse(raw: bytes) -> EmailMessage:
     """The whole message, as `BytesParser` makes it.
 
     A single-part body becomes the payload in one piece: the parser would cut it
-    into lines and join them again, which for 9.9 MB is 127,000 small strings.
-    Eight such posts at once left about 60 MB of Python's small-object arenas
-    fragmented after they were gone (issue 15). Multipart bodies need the parser.
+    into lines and join them again, 127,000 small strings for 9.9 MB (16 MB of
+    Python's small-object arenas, which longer-lived objects then keep from being
+    returned: issue 15). Multipart bodies need the parser.
     """
     split = _split(raw)
     if split is not None:
