@@ -437,6 +437,9 @@ _drop_large_transfers()
 def _large(parameters: Any, depth: int = 0) -> bool:
     """Some value among the parameters (one row, or the rows of an executemany) is
     a megabyte or more."""
+    psycopg = sys.modules.get("psycopg")
+    if psycopg is not None and isinstance(parameters, psycopg.Binary):
+        parameters = parameters.obj  # how SQLAlchemy binds a LargeBinary value for psycopg
     if isinstance(parameters, bytes | bytearray | memoryview | str):
         return len(parameters) >= memory.MMAP_THRESHOLD
     if depth > 1:
