@@ -11,11 +11,16 @@ from email.message import EmailMessage, Message
 from email.parser import BytesHeaderParser, BytesParser
 from typing import Any
 
+import aiosmtplib
 import pytest
+import sqlalchemy as sa
+from conftest import make_list
+from sink import Sink
 
 from listserv import mail
+from listserv.db import Database
 from listserv.distribute import decorate, prepare
-from listserv.models import DeliveryMode
+from listserv.models import DeliveryMode, InboundMessage
 
 HEADS = [
     b"From: a@example.org\r\nSubject: plain\r\n",
@@ -166,3 +171,34 @@ def test_a_large_personalized_template_renders_each_copy_with_its_address() -> N
     copy = personalizer.render("ann@one.example")
     body = raw[raw.index(b"\r\n\r\n") + 4 :]
     assert body + b"-- \r\nStaff mailing list\r\nYou are subscribed as ann@one.example.\r\n" in copy
+
+
+async def test_a_10_mb_post_is_stored_and_delivered_byte_for_byte(
+    db: Database, sink: Sink, daemon_factory: Any
+) -> None:
+    members_ = ["ann@one.example", "bob@two.example"]
+    make_list(db, members_=members_, senders=["boss@example.org"], subject_prefix="[staff]")
+    daemon = await daemon_factory()
+    raw = large_post(10_000_000)
+    errors, reply = await aiosmtplib.send(
+        raw,
+        sender="boss@example.org",
+        recipients=["staff@lists.example.org"],
+        hostname="127.0.0.1",
+        port=daemon.port,
+        timeout=60,
+    )
+    assert errors == {} and reply.startswith("2.0.0 Queued as ")
+    with db.reading() as session:
+        stored = session.scalars(sa.select(InboundMessage.raw)).one()
+    assert stored.startswith(b"Authentication-Results: lists.example.org;")  # ours, on top
+    assert stored.endswith(raw)
+
+    await sink.wait_for_recipients(len(members_), timeout=60)
+    body = raw[raw.index(b"\r\n\r\n") + 4 :]
+    footer = b"-- \r\nstaff@lists.example.org mailing list\r\n"
+    for received in sink.received:
+        head, _, delivered = received.data.partition(b"\r\n\r\n")
+        assert b"\r\nSubject: [staff] Report\r\n" in head
+        assert delivered[: len(body)] == body
+        assert delivered[len(body) :].startswith(footer)
