@@ -37,3 +37,45 @@ def test_a_large_write_reopens_the_connection_and_keeps_the_row(tmp_path: Path) 
         assert rows == [b"small", large]
     finally:
         db.dispose()
+
+
+BLOBS = sa.Table(
+    "blobs",
+    sa.MetaData(),
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("raw", sa.LargeBinary),
+)
+
+
+def test_a_connection_that_moved_a_large_value_is_not_kept_with_its_buffers(
+    db: Database,
+) -> None:
+    """libpq keeps its buffers as large as the largest message a connection carried, in
+    both directions; SQLite's statement cache keeps what it bound (issue 15)."""
+    BLOBS.create(db.engine)
+    large = bytes(range(256)) * (memory.MMAP_THRESHOLD // 256 + 1)
+
+    def write(value: bytes) -> None:
+        with db.session() as session:
+            session.execute(sa.insert(BLOBS).values(raw=value))
+
+    def read(row: int) -> bytes | None:
+        with db.reading() as session:
+            return session.scalar(sa.select(BLOBS.c.raw).where(BLOBS.c.id == row))
+
+    first = _driver_connection(db)
+    write(b"small")
+    assert read(1) == b"small"
+    assert _driver_connection(db) is first  # small values keep the pooled connection
+
+    write(large)
+    second = _driver_connection(db)
+    assert second is not first
+    assert read(2) == large
+    # PostgreSQL's input buffer now holds it; SQLite reads it from its page cache
+    assert (_driver_connection(db) is not second) is not db.is_sqlite
+    with db.reading() as session:
+        assert list(session.scalars(sa.select(BLOBS.c.raw).order_by(BLOBS.c.id))) == [
+            b"small",
+            large,
+        ]

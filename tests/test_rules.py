@@ -7,7 +7,9 @@ import os
 import re
 import sqlite3
 import textwrap
+from collections.abc import Callable
 from datetime import UTC, datetime
+from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,8 @@ from listserv.config import PolicySettings
 from listserv.db import Database
 from listserv.distribute import convert
 from listserv.errors import ConfigError, InvalidInput, NotFound
-from listserv.models import ModerationAction, PostingPolicy, Role
+from listserv.models import InboundMessage, ModerationAction, PostingPolicy, Role
+from listserv.pipeline import rules
 from listserv.pipeline.context import PostContext
 from listserv.pipeline.decide import decide
 from listserv.pipeline.decision import Action, Decision
@@ -65,6 +68,7 @@ def context(
     policy: PolicySettings | None = None,
     authenticated: frozenset[str] = frozenset(),
     recipients: int | None = None,
+    parse: Callable[[bytes], EmailMessage] = mail.parse,
 ) -> PostContext:
     with db.reading() as s:
         mlist = lists.get(s, address)
@@ -72,7 +76,7 @@ def context(
         return intake.build_context(
             s,
             mlist,
-            mail.parse(raw),
+            parse(raw),
             envelope,
             now=now,
             policy=policy,
@@ -313,6 +317,64 @@ def test_allowed_mime_types_refuse_any_leaf_outside_the_list(db: Database) -> No
         "staff@lists.example.org does not accept application/pdf parts;"
         " allowed: text/plain, image/*"
     )
+
+
+# -- what intake parses (issue 15) ------------------------------------------------------
+
+#: posts whose bodies some rule judges: HTML, alternatives, an attachment, links
+BODIED = [
+    post(content_type="text/html", body=HTML),
+    multipart("multipart/alternative", ("text/plain", "", "See."), ("text/html", "", HTML)),
+    multipart(
+        "multipart/mixed",
+        ("text/plain", "", "See https://outside.example/plan"),
+        ("application/pdf", 'Content-Disposition: attachment; filename="plan.pdf"\n', "JVBER"),
+    ),
+    post(body="See https://outside.example/plan"),
+]
+
+
+def test_lists_whose_rules_read_no_body_decide_on_the_header_section_alone(db: Database) -> None:
+    make_list(db, senders=[BOSS], allow_attachments="yes", link_allowlist="example.org")
+    with db.reading() as s:
+        assert not rules.reads_body(lists.get(s, LIST))
+    for raw in BODIED:
+        assert decide(context(db, raw, parse=mail.parse_headers)) == judge(db, raw)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"plain_text_only": "true"},
+        {"plain_text_only": "true", "content_filter": "convert"},
+        {"allow_attachments": "no"},
+        {"allowed_mime_types": "text/plain"},
+        {"external_links": "hold", "link_allowlist": "example.org"},
+    ],
+)
+def test_lists_whose_rules_read_the_body_get_it(db: Database, settings: dict[str, str]) -> None:
+    make_list(db, senders=[BOSS], **settings)
+    with db.reading() as s:
+        assert rules.reads_body(lists.get(s, LIST))
+    for raw in BODIED:  # most of them the header section alone would decide otherwise
+        envelope = intake.Envelope(mail_from=BOSS, rcpt_tos=(LIST,), content=raw)
+        outcome = intake.receive(db, envelope, now=MIDYEAR)
+        expected = judge(db, raw)
+        if expected.action is Action.REJECT:
+            assert outcome.reply == expected.reply
+        else:
+            assert outcome.posts == {LIST: intake._STATES[expected.action]}
+
+
+def test_intake_stores_a_post_judged_on_its_header_section_byte_for_byte(
+    db: Database,
+) -> None:
+    make_list(db, senders=[BOSS])
+    raw = BODIED[2]
+    outcome = intake.receive(db, intake.Envelope(mail_from=BOSS, rcpt_tos=(LIST,), content=raw))
+    assert outcome.reply.code == 250
+    with db.reading() as s:
+        assert s.get_one(InboundMessage, outcome.inbound_ids[0]).raw == raw
 
 
 # -- recipients, blackouts, links --------------------------------------------------------

@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.message import EmailMessage
-from email.parser import BytesHeaderParser
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -522,7 +521,7 @@ def _tell_sender(
     inbound = session.get(InboundMessage, post.inbound_id) if post.inbound_id else None
     if inbound is None:
         return False
-    headers = _headers(raw)
+    headers = mail.parse_headers(raw)  # deciding whom to answer needs no 10 MB body parse
     if not notices.may_answer(inbound.mail_from, headers):
         log.info("post %d: not telling %r (automatic mail, RFC 3834)", post.id, inbound.mail_from)
         return False
@@ -530,13 +529,6 @@ def _tell_sender(
     msg = _compose(mlist, name, values, to=inbound.mail_from, in_reply_to=message_id or None)
     notices.queue(session, mlist, msg, [inbound.mail_from])
     return True
-
-
-def _headers(raw: bytes) -> EmailMessage:
-    """The header section only: deciding whom to answer needs no 10 MB body parse."""
-    msg = BytesHeaderParser(policy=mail.POLICY).parsebytes(raw)
-    assert isinstance(msg, EmailMessage)
-    return msg
 
 
 def _values(session: Session, mlist: MailingList, post: Post, raw: bytes) -> dict[str, object]:

@@ -18,6 +18,7 @@ from listserv.distribute import convert
 from listserv.models import (
     ContentFilter,
     LinkPolicy,
+    MailingList,
     ModerationAction,
     NonmemberAction,
     PostingPolicy,
@@ -140,7 +141,7 @@ def check_content(ctx: PostContext) -> Decision | None:
             name = _attachment(part)
             if name is not None:
                 return _refuse_content(f"{address} accepts no attachments ({name})")
-    allowed = [t.strip().lower() for t in mlist.allowed_mime_types.split(",") if t.strip()]
+    allowed = _allowed_types(mlist)
     if allowed:
         for part in _leaves(msg):
             kind = part.get_content_type()
@@ -149,6 +150,10 @@ def check_content(ctx: PostContext) -> Decision | None:
                     f"{address} does not accept {kind} parts; allowed: {', '.join(allowed)}"
                 )
     return None
+
+
+def _allowed_types(mlist: MailingList) -> list[str]:
+    return [t.strip().lower() for t in mlist.allowed_mime_types.split(",") if t.strip()]
 
 
 def _refuse_content(reason: str) -> Decision:
@@ -301,3 +306,15 @@ RULES: tuple[Rule, ...] = (
     check_blackout,
     check_links,
 )
+
+
+def reads_body(mlist: MailingList) -> bool:
+    """Whether a rule looks past the header section of posts to `mlist`
+    (check_content, check_links); if none does, intake parses the header section
+    alone (issue 15: a large multipart body parsed for nothing fragments memory)."""
+    return (
+        mlist.plain_text_only
+        or not mlist.allow_attachments
+        or bool(_allowed_types(mlist))
+        or mlist.external_links is LinkPolicy.HOLD
+    )

@@ -37,7 +37,7 @@ from listserv.models import (
     PostState,
     Role,
 )
-from listserv.pipeline import authresults
+from listserv.pipeline import authresults, rules
 from listserv.pipeline.auth import Authenticator
 from listserv.pipeline.context import SEVERITY, PostContext, Standing
 from listserv.pipeline.decide import decide
@@ -176,7 +176,7 @@ def _receive(
             envelope,
             content=authresults.strip_forged(envelope.content, authenticator.authserv_id),
         )
-    msg = mail.parse(stored.content)
+    msg = mail.parse_headers(stored.content)  # the body only for rules that read it
     checking = checking and bool(msg.keys())  # no header section: refused as it is
     decisions: list[tuple[MailingList, PostContext, Decision]] = []
     refusal: tuple[MailingList, PostContext, Decision] | None = None
@@ -184,6 +184,8 @@ def _receive(
         with db.reading() as session:
             found = (lists.get(session, t.list_address) for t in dict.fromkeys(targets[Kind.POST]))
             mlists = list({m.id: m for m in found}.values())
+            if any(rules.reads_body(m) for m in mlists):
+                msg = mail.parse(stored.content)
             # DKIM and DNS work only for a list that believes authenticated senders only,
             # or to write our header: cached by TTL (a read transaction blocks nobody)
             authenticated: frozenset[str] = frozenset()
