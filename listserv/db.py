@@ -30,7 +30,6 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.pool import Pool
 
 from listserv import memory
 from listserv.errors import DatabaseError
@@ -59,6 +58,8 @@ class Database:
         if self.is_sqlite:
             _configure_sqlite(self.engine)
             _drop_large_bindings(self.engine)
+        else:
+            _drop_large_transfers(self.engine)
         self._write = sessionmaker(self.engine, expire_on_commit=False)
         self._writers = _WriterQueue()
         self._lock_fds_of: tuple[int, int] | None = None
@@ -359,7 +360,7 @@ def _drop_large_bindings(engine: sa.Engine) -> None:
             record.invalidate()
 
 
-def _drop_large_transfers() -> None:
+def _drop_large_transfers(engine: sa.Engine) -> None:
     """The same on PostgreSQL: a psycopg connection that sent a parameter or received
     a bytea value of a megabyte or more is closed when it goes back to the pool.
 
@@ -367,15 +368,15 @@ def _drop_large_transfers() -> None:
     9.5 MB more after sending a 9.9 MB message and 19 MB more after reading one
     (bytea arrives as hex text). Over the pool, eight such posts kept about 230 MB
     for good (issue 15). Reconnecting takes a few milliseconds, only after large
-    mail. Listens on the classes, so every engine of the process has it.
+    mail.
     """
 
-    @event.listens_for(Pool, "connect")
+    @event.listens_for(engine.pool, "connect")
     def _connect(dbapi_conn: Any, _record: Any) -> None:
         if _is_psycopg(dbapi_conn):
             dbapi_conn.adapters.register_loader(BYTEA_OID, _bytea_loader())
 
-    @event.listens_for(sa.Engine, "after_cursor_execute")
+    @event.listens_for(engine, "after_cursor_execute")
     def _after(
         conn: sa.Connection,
         _cursor: Any,
@@ -384,10 +385,10 @@ def _drop_large_transfers() -> None:
         _context: Any,
         _executemany: bool,
     ) -> None:
-        if conn.dialect.driver == "psycopg" and _large(parameters):
+        if _large(parameters):
             conn.info[_LARGE_BINDING] = True
 
-    @event.listens_for(Pool, "checkin")
+    @event.listens_for(engine.pool, "checkin")
     def _checkin(dbapi_conn: Any, record: Any) -> None:
         if record is None or not _is_psycopg(dbapi_conn):
             return
@@ -435,9 +436,6 @@ def _bytea_loader() -> type[Any]:
 
 #: PostgreSQL's type oid of bytea
 BYTEA_OID = 17
-
-
-_drop_large_transfers()
 
 
 def _large(parameters: Any, depth: int = 0) -> bool:

@@ -638,3 +638,47 @@ def test_the_fast_path_reader_agrees_with_aiosmtpd(arg: str, common: bool) -> No
     assert (fast is not None) is common  # the common paths take the fast way
     if fast is not None:
         assert fast == reference
+
+
+async def test_data_ends_at_crlf_dot_crlf_only_and_dots_are_unstuffed(
+    db: Database, daemon_factory: Any
+) -> None:
+    """Our DATA reader (server.py `_data`): a bare LF ends no line, so "LF . CRLF"
+    inside the text neither ends the message nor smuggles a second one; a leading
+    dot is unstuffed (RFC 5321 4.5.2); a line split over many reads is one line;
+    and a refused message reads to its end and leaves the session usable."""
+    make_list(db, members_=["ann@one.example"], senders=[SENDER])
+    daemon = await daemon_factory(server__max_message_size=4000)
+    d = await dialogue(
+        daemon.port,
+        b"EHLO client.example",
+        f"MAIL FROM:<{SENDER}>".encode(),
+        f"RCPT TO:<{LIST}>".encode(),
+    )
+    assert (await d.say(b"DATA")).startswith(b"354 ")
+    body = post_text().replace(b"The budget is approved.\r\n", b"")
+    d.write(body + b"..leading dot\r\nbare\n.\r\nMAIL FROM:<x@example.org>\r\n")
+    for piece in (b"one line ", b"in three ", b"reads\r\n"):
+        d.write(piece)
+        await d.writer.drain()
+        await asyncio.sleep(0.05)
+    d.write(b".\r\n")
+    reply = await d.reply()
+    (post_id,) = queued_ids(reply.decode().split(" ", 1)[1].strip())
+    with db.reading() as s:
+        post = s.get(Post, post_id)
+        assert post is not None
+        inbound = s.get(InboundMessage, post.inbound_id)
+        assert inbound is not None
+        assert inbound.raw.endswith(
+            b".leading dot\r\nbare\n.\r\nMAIL FROM:<x@example.org>\r\none line in three reads\r\n"
+        )
+    # too much data: read to the final dot, refused, and the session goes on
+    assert (await d.say(f"MAIL FROM:<{SENDER}>".encode())).startswith(b"250 ")
+    assert (await d.say(f"RCPT TO:<{LIST}>".encode())).startswith(b"250 ")
+    assert (await d.say(b"DATA")).startswith(b"354 ")
+    d.write(body + b"x" * 80 + b"\r\n" + (b"y" * 78 + b"\r\n") * 100 + b".\r\n")
+    assert (await d.reply()).startswith(b"552 ")
+    assert (await d.say(b"NOOP")).startswith(b"250 ")
+    await d.close()
+    assert count(db, Post.id) == 1
