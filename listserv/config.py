@@ -83,7 +83,7 @@ class DeliverySettings:
     #: false: this daemon sends no delivery reports (reports.py), whatever the lists say
     reports: bool = True
     #: members written per snapshot transaction: the first batches go out after one
-    snapshot_chunk: int = 5000
+    snapshot_chunk: int = 1000  # posts.SNAPSHOT_ROWS
 
 
 @dataclass(frozen=True, kw_only=True)
