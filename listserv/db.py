@@ -57,9 +57,7 @@ class Database:
         self.engine = sa.create_engine(self.url, **kwargs)
         if self.is_sqlite:
             _configure_sqlite(self.engine)
-            _drop_large_bindings(self.engine)
-        else:
-            _drop_large_transfers(self.engine)
+        _drop_large_bindings(self.engine)
         self._write = sessionmaker(self.engine, expire_on_commit=False)
         self._writers = _WriterQueue()
         self._lock_fds_of: tuple[int, int] | None = None
@@ -333,48 +331,30 @@ _LARGE_BINDING = "listserv_large_binding"
 
 
 def _drop_large_bindings(engine: sa.Engine) -> None:
-    """A connection that wrote a large value is closed when it goes back to the pool.
+    """A connection that moved a large value is closed when it goes back to the pool.
 
-    Python's sqlite3 keeps each prepared statement in a per-connection cache and
-    never clears its bindings, and SQLite keeps its own copy of a bound blob: every
-    pooled connection that stored a 10 MB message held another 10 MB until the same
-    statement ran again (issue 15: about 80 MB after eight large posts). Reopening an
-    SQLite connection takes well under a millisecond, and only large mail does it.
+    SQLite: Python's sqlite3 keeps each prepared statement in a per-connection cache
+    and never clears its bindings, and SQLite keeps its own copy of a bound blob:
+    every pooled connection that stored a 10 MB message held another 10 MB until the
+    same statement ran again (issue 15: about 80 MB after eight large posts).
+    Reopening an SQLite connection takes well under a millisecond.
+
+    PostgreSQL: libpq never shrinks its input and output buffers: measured, a
+    connection held 9.5 MB more after sending a 9.9 MB message and 19 MB more after
+    reading one (bytea arrives as hex text). Over the pool, eight such posts kept
+    about 230 MB for good (issue 15). So a psycopg connection that received a bytea
+    value of a megabyte or more goes too. Reconnecting takes a few milliseconds.
+
+    Only large mail does either.
     """
+    reads = engine.dialect.driver == "psycopg"  # large values read are noted too
 
-    @event.listens_for(engine, "after_cursor_execute")
-    def _after(
-        conn: sa.Connection,
-        _cursor: Any,
-        _statement: str,
-        parameters: Any,
-        _context: Any,
-        _executemany: bool,
-    ) -> None:
-        if _large(parameters):
-            conn.info[_LARGE_BINDING] = True
+    if reads:
 
-    @event.listens_for(engine.pool, "checkin")
-    def _checkin(_dbapi_conn: Any, record: Any) -> None:
-        if record is not None and record.info.pop(_LARGE_BINDING, False):
-            record.invalidate()
-
-
-def _drop_large_transfers(engine: sa.Engine) -> None:
-    """The same on PostgreSQL: a psycopg connection that sent a parameter or received
-    a bytea value of a megabyte or more is closed when it goes back to the pool.
-
-    libpq never shrinks its input and output buffers: measured, a connection held
-    9.5 MB more after sending a 9.9 MB message and 19 MB more after reading one
-    (bytea arrives as hex text). Over the pool, eight such posts kept about 230 MB
-    for good (issue 15). Reconnecting takes a few milliseconds, only after large
-    mail.
-    """
-
-    @event.listens_for(engine.pool, "connect")
-    def _connect(dbapi_conn: Any, _record: Any) -> None:
-        if _is_psycopg(dbapi_conn):
-            dbapi_conn.adapters.register_loader(BYTEA_OID, _bytea_loader())
+        @event.listens_for(engine.pool, "connect")
+        def _connect(dbapi_conn: Any, _record: Any) -> None:
+            if _is_psycopg(dbapi_conn):
+                dbapi_conn.adapters.register_loader(BYTEA_OID, _bytea_loader())
 
     @event.listens_for(engine, "after_cursor_execute")
     def _after(
@@ -390,11 +370,12 @@ def _drop_large_transfers(engine: sa.Engine) -> None:
 
     @event.listens_for(engine.pool, "checkin")
     def _checkin(dbapi_conn: Any, record: Any) -> None:
-        if record is None or not _is_psycopg(dbapi_conn):
+        if record is None:
             return
         sent = record.info.pop(_LARGE_BINDING, False)
-        received = dbapi_conn in _RECEIVED_LARGE
-        _RECEIVED_LARGE.discard(dbapi_conn)
+        received = reads and dbapi_conn in _RECEIVED_LARGE
+        if received:
+            _RECEIVED_LARGE.discard(dbapi_conn)
         if sent or received:
             record.invalidate()
 

@@ -14,6 +14,7 @@ from typing import Any
 import aiosmtplib
 import pytest
 import sqlalchemy as sa
+import test_prepare
 from conftest import make_list
 from sink import Sink
 
@@ -134,15 +135,7 @@ def peak(work: Callable[[], object]) -> int:
     return top - before
 
 
-VIEW = prepare.ListView(
-    name="staff",
-    domain="lists.example.org",
-    list_id="staff.lists.example.org",
-    description="Staff",
-    subject_prefix="[staff]",
-    footer="",
-    delivery_mode=DeliveryMode.SHARED,
-)
+VIEW = dataclasses.replace(test_prepare.VIEW, delivery_mode=DeliveryMode.SHARED)
 
 
 def test_a_large_post_is_parsed_without_a_string_per_line() -> None:

@@ -42,6 +42,27 @@ def _config(tmp_path: Path, db_url: str, sink: Sink, port: int) -> Path:
     return config
 
 
+async def _start(db_url: str, sink: Sink, tmp_path: Path) -> tuple[subprocess.Popen[str], int]:
+    """A list of MEMBERS, and `serve` with two listeners answering on its port."""
+    db = Database(db_url)
+    make_list(db, members_=MEMBERS, senders=[SENDER])
+    db.dispose()
+    port = free_port()
+    front = subprocess.Popen(
+        serve_args(_config(tmp_path, db_url, sink, port)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        await wait_for_port(port, front)  # type: ignore[arg-type]
+    except BaseException:
+        front.kill()
+        front.communicate()
+        raise
+    return front, port
+
+
 async def _post(port: int, n: int) -> str:
     """Send one post over a connection of its own; the reply's text."""
     _, reply = await aiosmtplib.send(
@@ -66,18 +87,8 @@ async def _post(port: int, n: int) -> str:
 async def test_listener_processes_share_the_port_and_wake_the_scheduler(
     db_url: str, sink: Sink, tmp_path: Path
 ) -> None:
-    db = Database(db_url)
-    make_list(db, members_=MEMBERS, senders=[SENDER])
-    db.dispose()
-    port = free_port()
-    front = subprocess.Popen(
-        serve_args(_config(tmp_path, db_url, sink, port)),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    front, port = await _start(db_url, sink, tmp_path)
     try:
-        await wait_for_port(port, front)  # type: ignore[arg-type]
         listeners = await wait_for_children(front.pid, 2)
         # each listener alone, the other stopped: both take sessions from the one port,
         # and a listener that hangs holds up nobody
@@ -108,18 +119,8 @@ async def test_listener_processes_share_the_port_and_wake_the_scheduler(
 async def test_a_killed_listener_is_replaced_and_the_other_keeps_answering(
     db_url: str, sink: Sink, tmp_path: Path
 ) -> None:
-    db = Database(db_url)
-    make_list(db, members_=MEMBERS, senders=[SENDER])
-    db.dispose()
-    port = free_port()
-    front = subprocess.Popen(
-        serve_args(_config(tmp_path, db_url, sink, port)),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    front, port = await _start(db_url, sink, tmp_path)
     try:
-        await wait_for_port(port, front)  # type: ignore[arg-type]
         first, second = await wait_for_children(front.pid, 2)
         os.kill(first, signal.SIGKILL)
         # the survivor takes every session, while the dead one is not yet replaced
