@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import logging
 from functools import cache
 
@@ -69,3 +70,20 @@ def rss_bytes(pid: int | str = "self") -> int:
     except OSError:
         return 0
     return 0
+
+
+def settle() -> None:
+    """Once a daemon process has started: what it made so far lives as long as it,
+    so the cyclic garbage collector stops scanning it.
+
+    A full collection walks every container object of the process: measured with
+    100 clients posting (issue 15), 60-135 ms in an SMTP listener, during which its
+    sessions all stood still (most of the posts over 100 ms to their 250). What is
+    frozen here (modules, mappers, the Public Suffix List, the SMTP server) is never
+    garbage; objects made later are still collected as usual.
+    """
+    gc.collect()
+    gc.freeze()
+    log.info(
+        "%d objects made at startup kept out of full garbage collections", gc.get_freeze_count()
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import textwrap
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from listserv.config import AuthSettings, DnsSettings
 from listserv.distribute.dkim import SigningKey, generate_key
 from listserv.dns import DnsError, Resolver
 from listserv.errors import ConfigError
+from listserv.pipeline import auth
 from listserv.pipeline.auth import (
     AuthResult,
     authenticated_domains,
@@ -124,6 +126,36 @@ def test_organizational_domain_follows_the_public_suffix_list() -> None:
     assert organizational_domain("co.uk") == "co.uk"
     # private section: two users of one hosting service are two organizations
     assert organizational_domain("alice.github.io") != organizational_domain("bob.github.io")
+
+
+def test_the_public_suffix_list_is_loaded_once_when_many_threads_need_it_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the first posts' intake threads all asked at once; each parsed the list, and
+    # every session of the process stood still for over half a second
+    loaded: list[int] = []
+
+    class Counted(auth.PublicSuffixList):  # type: ignore[misc]
+        def __init__(self) -> None:
+            loaded.append(1)
+            super().__init__()
+
+    monkeypatch.setattr(auth, "PublicSuffixList", Counted)
+    monkeypatch.setattr(auth, "_PSL", [])
+    start = threading.Barrier(8)
+    found: list[str] = []
+
+    def ask() -> None:
+        start.wait(10)
+        found.append(organizational_domain("a.b.example.co.uk"))
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert found == ["example.co.uk"] * 8
+    assert loaded == [1]
 
 
 def test_signature_does_not_align_across_a_public_suffix(

@@ -10,8 +10,10 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 
+from listserv import db as db_module
 from listserv.db import FIRST_YIELD, Database
 
 
@@ -19,6 +21,13 @@ def _sqlite(tmp_path: Path, sqlite_template: Path) -> Database:
     path = tmp_path / "writers.db"
     shutil.copy(sqlite_template, path)
     return Database(f"sqlite:///{path}")
+
+
+def _background(db: Database, order: list[str]) -> None:
+    """A background writer's transaction (delivery bookkeeping)."""
+    with db.session(durable=False) as session:
+        session.execute(sa.text("SELECT 1"))
+        order.append("background")
 
 
 def _wait_until(condition: object, timeout: float = 10.0) -> None:
@@ -79,12 +88,7 @@ def test_background_writers_wait_for_another_processes_first_writer_but_not_for_
     try:
         fcntl.flock(fd, fcntl.LOCK_SH)
 
-        def background() -> None:
-            with db.session(durable=False) as session:
-                session.execute(sa.text("SELECT 1"))
-                order.append("background")
-
-        thread = threading.Thread(target=background)
+        thread = threading.Thread(target=_background, args=(db, order))
         thread.start()
         time.sleep(FIRST_YIELD / 5)
         order.append("first done")
@@ -95,9 +99,41 @@ def test_background_writers_wait_for_another_processes_first_writer_but_not_for_
         # a first writer that never lets go holds the others back FIRST_YIELD at most
         fcntl.flock(fd, fcntl.LOCK_SH)
         started = time.monotonic()
-        background()
+        _background(db, order)
         assert FIRST_YIELD * 0.9 <= time.monotonic() - started
         assert order[-1] == "background"
     finally:
         os.close(fd)
+        db.dispose()
+
+
+def test_a_background_writer_that_gets_the_lock_while_a_first_writer_waits_hands_it_back(
+    tmp_path: Path, sqlite_template: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(db_module, "FIRST_YIELD", 10.0)  # no giving up in this test
+    db = _sqlite(tmp_path, sqlite_template)
+    path = db.sqlite_path
+    assert path is not None
+    # another process: its own descriptors of the two lock files
+    writer = os.open(path.with_name(path.name + ".writer"), os.O_RDWR | os.O_CREAT, 0o600)
+    ahead = os.open(path.with_name(path.name + ".first"), os.O_RDWR | os.O_CREAT, 0o600)
+    order: list[str] = []
+    try:
+        fcntl.flock(writer, fcntl.LOCK_EX)  # its transaction in progress
+
+        thread = threading.Thread(target=_background, args=(db, order))
+        thread.start()
+        time.sleep(0.1)  # the background writer waits for the write lock
+        fcntl.flock(ahead, fcntl.LOCK_SH)  # and now mail waits for its 250 too
+        fcntl.flock(writer, fcntl.LOCK_UN)
+        time.sleep(0.1)  # the background writer was woken first, and took the lock
+        fcntl.flock(writer, fcntl.LOCK_EX)  # it gave it back
+        order.append("first")
+        fcntl.flock(writer, fcntl.LOCK_UN)
+        fcntl.flock(ahead, fcntl.LOCK_UN)
+        thread.join(10)
+        assert order == ["first", "background"]
+    finally:
+        os.close(writer)
+        os.close(ahead)
         db.dispose()

@@ -28,8 +28,8 @@ as RFC 8601 §2.2 describes; it has not needed a release since 2019.
 
 from __future__ import annotations
 
-import functools
 import logging
+import threading
 from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass, field
 from email.message import EmailMessage
@@ -191,11 +191,23 @@ def organizational_domain(domain: str) -> str:
     return _psl().privatesuffix(domain) or domain
 
 
-@functools.cache
+_PSL: list[PublicSuffixList] = []
+_PSL_LOADING = threading.Lock()
+
+
 def _psl() -> PublicSuffixList:
-    """Loaded on first use (~40 ms); ICANN and private sections, so user1.github.io and
-    user2.github.io are two organizations, as RFC 7489 §3.2 intends."""
-    return PublicSuffixList()
+    """Loaded once (~40 ms alone); ICANN and private sections, so user1.github.io and
+    user2.github.io are two organizations, as RFC 7489 §3.2 intends.
+
+    Under a lock: with functools.cache, the first posts' intake threads each parsed
+    the list at once, about 15 of them holding the interpreter lock in turn, and
+    every SMTP session of the process stalled for over half a second (issue 15).
+    `Authenticator.from_settings` loads it before the first session."""
+    if not _PSL:
+        with _PSL_LOADING:
+            if not _PSL:
+                _PSL.append(PublicSuffixList())
+    return _PSL[0]
 
 
 def _aligned(signer: str, author: str) -> bool:
@@ -372,6 +384,7 @@ class Authenticator:
         from listserv.distribute import dmarc
 
         policies = dmarc.policies_for(settings.dns, settings.dmarc)
+        _psl()  # now, not in the first sessions
         return cls(
             settings.auth,
             policies.resolver,
