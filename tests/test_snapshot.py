@@ -14,14 +14,14 @@ from pathlib import Path
 import aiosmtplib
 import pytest
 import sqlalchemy as sa
-from conftest import make_list, message
+from conftest import make_list, message, settings_for
 from sink import Sink
 from test_crash import free_port, serve, wait_for_port, wait_until_sent
 from test_queue import POLICY, _accepted_post, _delivered, _done
 
 from listserv import lists, members
 from listserv.db import Database
-from listserv.distribute import batches, posts, status
+from listserv.distribute import batches, posts, prepare, status
 from listserv.models import Delivery, DeliveryBatch, DeliveryMode, Post, PostState
 
 LEASE = timedelta(minutes=5)
@@ -332,3 +332,49 @@ async def test_sigkill_during_the_snapshot_delivers_everyone_once_after_a_restar
     assert set(counts) == set(BIG)
     # at-least-once: only batches in flight at the kill (2 connections x 10) come twice
     assert sum(counts.values()) - len(BIG) <= 2 * 2 * 10
+
+
+_FAIL_BATCHES = {
+    "sqlite": [
+        "CREATE TABLE fail_batches (x INTEGER)",
+        "CREATE TRIGGER fail_batch BEFORE INSERT ON delivery_batches"
+        " WHEN EXISTS (SELECT 1 FROM fail_batches)"
+        " BEGIN SELECT RAISE(ABORT, 'no room for batches'); END",
+    ],
+    "postgresql": [
+        "CREATE TABLE fail_batches (x INTEGER)",
+        "CREATE FUNCTION fail_batch() RETURNS trigger AS $$ BEGIN"
+        " IF EXISTS (SELECT 1 FROM fail_batches) THEN RAISE EXCEPTION 'no room for batches';"
+        " END IF; RETURN NEW; END $$ LANGUAGE plpgsql",
+        "CREATE TRIGGER fail_batch BEFORE INSERT ON delivery_batches"
+        " FOR EACH ROW EXECUTE FUNCTION fail_batch()",
+    ],
+}
+
+
+def test_a_post_whose_first_chunk_fails_is_started_and_its_snapshot_goes_on(
+    db: Database, db_url: str, tmp_path: Path
+) -> None:
+    # start_post writes the post's start and its first chunk in two transactions (each
+    # holds SQLite's write lock for less): the start stands when the chunk fails
+    _, post_id = _list_with(db, MEMBERS)
+    with db.session() as s:
+        for statement in _FAIL_BATCHES[s.get_bind().dialect.name]:
+            s.execute(sa.text(statement))
+        s.execute(sa.text("INSERT INTO fail_batches VALUES (1)"))
+    settings = settings_for(db_url, free_port(), tmp_path, delivery__snapshot_chunk=4)
+    queued = prepare.start_post(db, settings, post_id, worker="w1")
+    assert queued is not None and not queued.done and queued.batches == 0
+    post = _post(db, post_id)
+    assert post.state is PostState.SENDING and post.snapshotting
+    assert post.snapshot_owner == "w1" and post.snapshot_after is None
+    assert _addresses(db, post_id) == []
+
+    with db.session() as s:
+        s.execute(sa.text("DELETE FROM fail_batches"))
+    while not (
+        chunk := prepare.continue_post(db, settings, post_id, worker="w1", skip=queued.skip)
+    ).done:
+        assert not chunk.lost
+    assert sorted(_addresses(db, post_id)) == sorted(MEMBERS)
+    assert _post(db, post_id).recipient_count == len(MEMBERS)
