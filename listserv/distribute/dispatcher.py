@@ -1,7 +1,7 @@
 """The one task of a daemon that talks to the queue for its senders.
 
-Each round trip to the database (one thread hop; recording and leasing each in a
-short transaction of its own, see `_round`) records every result the senders
+Each round (two thread hops; recording, looking and leasing each in a short
+transaction of its own, see `_record`) records every result the senders
 produced since the last one, retires or reschedules the batches they finished,
 hands back what a stop left unstarted, renews the leases still held, frees the
 leases of dead workers, and leases enough new batches to keep each connection
@@ -139,42 +139,31 @@ class Dispatcher:
                 check = {i.batch.post_id for i in self._held.values() if not i.halted}
                 check |= self._ended
             claimed: list[ClaimedBatch] = []
-            if reports or want > 0 or renew or check:
-                started = loop.time()
+            started = loop.time()
+            if reports or renew:
                 try:
-                    states, still, claim, halted, events = await asyncio.to_thread(
-                        self._round, reports, renew, want, check
-                    )
+                    states, still, events = await asyncio.to_thread(self._record, reports, renew)
                 except Exception:
                     log.exception("could not reach the queue (will retry)")
                     self._unrecorded = reports
                     await asyncio.sleep(self.settings.poll_interval)
                     continue
-                for level, line in events:
-                    log.log(level, "%s", line, extra={"event": "throttle"})
+                self._log_events(events)
+                self._after(reports, states)  # logged as soon as it is recorded
+                if renew:
+                    renewed = started
+                    self._renewed(renew, still, started)
+            if want <= 0:
+                retry_after = None  # no token to wait for: nothing to lease
+            if want > 0 or check:
+                halted, claim = await asyncio.to_thread(self._look_and_lease, want, check)
+                self._log_events(claim.events)
                 if check and halted is not None:
                     halt_checked = started
                     self._halt(halted)
                     self._done_with(halted & self._ended)
                     self._ended -= check
                 claimed, retry_after = claim.batches, claim.retry_after
-                self._after(reports, states)
-                if renew:
-                    renewed = started
-                    for batch in renew:
-                        item = self._held.get(batch.id)
-                        if item is None:
-                            continue
-                        if batch.id in still:
-                            item.deadline = started + self.settings.lease_seconds - self.margin
-                        elif not item.lost:
-                            item.lost = True
-                            log.warning(
-                                "post %d batch %d: lease taken over by another worker;"
-                                " stopped sending it",
-                                batch.post_id,
-                                batch.id,
-                            )
                 deadline = started + self.settings.lease_seconds - self.margin
                 for batch in claimed:
                     item = InFlight(batch, deadline)
@@ -247,33 +236,36 @@ class Dispatcher:
         for post_id in sorted(post_ids - held):
             self.on_done(post_id)
 
-    def _round(
-        self, reports: list[Report], renew: list[ClaimedBatch], want: int, check: set[int]
-    ) -> tuple[list[BatchState | None], set[int], Claim, set[int] | None, list[Event]]:
-        """Record, look and lease, each in a transaction of its own.
+    # -- the round's transactions (in a thread) -----------------------------------------
+    #
+    # Recording, looking and leasing each take a transaction of their own: on SQLite
+    # every write transaction holds the one write lock, and mail waiting for its 250
+    # waits for the transaction in progress. Together they held it 12 ms at the
+    # median, 25-85 ms at worst, with 100 clients posting during a fan-out (issue 15);
+    # apart, each about half. Results are logged between the two thread hops, as soon
+    # as they are recorded.
 
-        On SQLite every write transaction holds the one write lock, and mail waiting
-        for its 250 waits for the transaction in progress: recording and leasing
-        together held it 12 ms at the median, 25-85 ms at worst, with 100 clients
-        posting during a fan-out (issue 15). Apart, each holds it for about half.
-        Recording comes first and alone raises: its reports are written again only
-        if it failed. A failed look or lease is logged and tried in the next round
-        (`halted` None: not looked).
-        """
-        states: list[BatchState | None] = []
-        still: set[int] = set()
+    def _record(
+        self, reports: list[Report], renew: list[ClaimedBatch]
+    ) -> tuple[list[BatchState | None], set[int], list[Event]]:
+        """Renew leases, record results and let the throttle see them; raises, and its
+        reports are written again, only if this transaction failed."""
         events: list[Event] = []
-        if reports or renew:
-            with self.db.session(durable=False) as session:
-                still = batches.renew_leases(session, renew, worker=self.worker, lease=self.lease)
-                states = batches.record(session, reports, worker=self.worker, policy=self.settings)
-                if self.throttle is not None and any(r.results for r in reports):
-                    events = throttling.observe(
-                        session,
-                        self.throttle,
-                        [(r.batch.domain, len(r.batch.recipients), r.results) for r in reports],
-                        db_now(session),
-                    )
+        with self.db.session(durable=False) as session:
+            still = batches.renew_leases(session, renew, worker=self.worker, lease=self.lease)
+            states = batches.record(session, reports, worker=self.worker, policy=self.settings)
+            if self.throttle is not None and any(r.results for r in reports):
+                events = throttling.observe(
+                    session,
+                    self.throttle,
+                    [(r.batch.domain, len(r.batch.recipients), r.results) for r in reports],
+                    db_now(session),
+                )
+        return states, still, events
+
+    def _look_and_lease(self, want: int, check: set[int]) -> tuple[set[int] | None, Claim]:
+        """Which of the posts `check` were paused or cancelled (None: could not look),
+        and up to `want` batches leased; a failure is logged and tried next round."""
         halted: set[int] | None = set()
         if check:
             try:
@@ -295,7 +287,28 @@ class Dispatcher:
                     )
             except Exception:
                 log.exception("could not lease batches (will retry)")
-        return states, still, claim, halted, [*events, *claim.events]
+        return halted, claim
+
+    @staticmethod
+    def _log_events(events: Sequence[Event]) -> None:
+        for level, line in events:
+            log.log(level, "%s", line, extra={"event": "throttle"})
+
+    def _renewed(self, renew: list[ClaimedBatch], still: set[int], started: float) -> None:
+        """Move the deadlines of the batches still ours; stop those that are not."""
+        for batch in renew:
+            item = self._held.get(batch.id)
+            if item is None:
+                continue
+            if batch.id in still:
+                item.deadline = started + self.settings.lease_seconds - self.margin
+            elif not item.lost:
+                item.lost = True
+                log.warning(
+                    "post %d batch %d: lease taken over by another worker; stopped sending it",
+                    batch.post_id,
+                    batch.id,
+                )
 
     def _after(self, reports: list[Report], states: list[BatchState | None]) -> None:
         for report, state in zip(reports, states, strict=True):
