@@ -19,7 +19,7 @@ from conftest import make_list, message
 from sqlalchemy.orm import Session
 from test_crash import free_port, serve, wait_for_port
 
-from listserv.db import Database
+from listserv.db import Database, insert_ids
 from listserv.models import AuditEntry, InboundMessage, Post
 from listserv.smtp_in import intake
 from listserv.smtp_in.commit import GroupCommit
@@ -226,3 +226,24 @@ async def test_sigkill_never_loses_a_message_answered_250(
         db.dispose()
     assert len(queued) >= clients * 5
     assert set(queued) <= kept  # every 250 is on disk
+
+
+@pytest.mark.parametrize("count", [1, 7, 400])
+def test_insert_ids_returns_each_rows_id_in_the_rows_order(db: Database, count: int) -> None:
+    """db.insert_ids sends SQLite one multi-row INSERT and sorts the ids it
+    returns: right only while SQLite inserts the rows in the order written, each
+    with a larger id than the last, even after the newest rows were deleted."""
+
+    def row(name: str) -> dict[str, object]:
+        return {"mail_from": name, "rcpt_tos": [], "kind": "post", "peer": "", "raw": b""}
+
+    with db.session() as session:
+        first = insert_ids(session, InboundMessage, [row(f"old{i}") for i in range(5)])
+        session.execute(sa.delete(InboundMessage).where(InboundMessage.id.in_(first[2:])))
+    names = [f"m{(i * 7919) % count}-{i}" for i in range(count)]  # not in sorted order
+    with db.session() as session:
+        ids = insert_ids(session, InboundMessage, [row(n) for n in names])
+    assert len(set(ids)) == count and min(ids) > max(first)
+    with db.reading() as session:
+        found = dict(session.execute(sa.select(InboundMessage.id, InboundMessage.mail_from)).all())
+    assert [found[i] for i in ids] == names

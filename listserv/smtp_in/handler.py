@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -37,6 +38,14 @@ INTAKE_THREADS = 64
 INTAKE_THREADS_POSTGRESQL = 16
 #: seconds after a large message was stored before malloc's free pages are trimmed
 TRIM_AFTER = 1.0
+#: seconds a RCPT TO that named a list is answered from memory. Asking the database
+#: took an intake thread, queued behind the sessions deciding: at 200 posts/s from
+#: 100 clients, 7 ms from RCPT to DATA at the median, 0.4 ms from memory (issue 15).
+#: Lists come and go rarely; one deleted meanwhile is refused at DATA
+#: (intake.receive answers 550). Refusals are not kept: a new list takes mail at once.
+RESOLVED_FOR = 2.0
+#: recipients kept at most (all of them are forgotten when there are more)
+RESOLVED_MAX = 10_000
 
 #: RFC 5321 4.5.3.1.8: a server must take at least 100; the 101st gets 452 4.5.3
 MAX_RECIPIENTS = 100
@@ -61,6 +70,7 @@ class InboundHandler:
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="intake")
         # sessions storing at the same moment share one durable commit (commit.py)
         self.committer = intake.committer(db)
+        self._resolved: dict[str, tuple[ListAddress, float]] = {}
 
     async def _in_thread(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -101,7 +111,7 @@ class InboundHandler:
         if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
             return str(replies.TOO_MANY_RECIPIENTS)
         try:
-            result = await self._in_thread(intake.resolve, self.db, address)
+            result = await self._resolve(address)
         except Exception:
             log.exception("RCPT %s: internal error", address)
             return str(replies.TEMP_FAILURE)
@@ -111,6 +121,19 @@ class InboundHandler:
         envelope.rcpt_tos.append(address)
         _targets(envelope).append(result)
         return str(replies.RCPT_OK)
+
+    async def _resolve(self, address: str) -> ListAddress | Reply:
+        """intake.resolve, a list found kept for RESOLVED_FOR seconds."""
+        now = time.monotonic()
+        known = self._resolved.get(address)
+        if known is not None and known[1] > now:
+            return known[0]
+        result = await self._in_thread(intake.resolve, self.db, address)
+        if isinstance(result, ListAddress):
+            if len(self._resolved) >= RESOLVED_MAX:
+                self._resolved.clear()
+            self._resolved[address] = (result, now + RESOLVED_FOR)
+        return result
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         content = envelope.original_content or b""

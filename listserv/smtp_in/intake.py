@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from listserv import addresses, lists, mail, members, replies
 from listserv.addresses import Kind, ListAddress
 from listserv.config import PolicySettings
-from listserv.db import Database
+from listserv.db import Database, insert_ids
 from listserv.errors import InvalidAddress, NotFound
 from listserv.models import (
     Audience,
@@ -295,7 +295,7 @@ def store_many(session: Session, writes: Sequence[Write]) -> list[Stored]:
                     "raw": write.envelope.content,
                 }
             )
-    inbound_ids = _insert(session, InboundMessage, inbound_rows)
+    inbound_ids = insert_ids(session, InboundMessage, inbound_rows)
     post_rows: list[dict[str, object]] = []
     at = 0
     for write in writes:
@@ -316,7 +316,7 @@ def store_many(session: Session, writes: Sequence[Write]) -> list[Stored]:
                         "message_id": write.about.message_id[:998],
                     }
                 )
-    new_posts = iter(_insert(session, Post, post_rows))
+    new_posts = iter(insert_ids(session, Post, post_rows))
     inbound_at = iter(inbound_ids)
     audits: list[dict[str, str]] = []
     results: list[Stored] = []
@@ -366,26 +366,14 @@ def store_many(session: Session, writes: Sequence[Write]) -> list[Stored]:
         )
         results.append((outcome, logged))
     if audits:
-        session.connection().execute(sa.insert(_table(AuditEntry)), audits)
+        session.connection().execute(sa.insert(_AUDIT_ENTRIES), audits)
     return results
 
 
-def _insert(
-    session: Session, model: type[InboundMessage] | type[Post], rows: list[dict[str, object]]
-) -> list[int]:
-    """Insert rows in one statement; their new ids, in the rows' order."""
-    if not rows:
-        return []
-    table = _table(model)
-    statement = sa.insert(table).returning(table.c.id, sort_by_parameter_order=True)
-    return list(session.connection().scalars(statement, rows))
-
-
-def _table(model: type[InboundMessage] | type[Post] | type[AuditEntry]) -> sa.Table:
-    """A model's table: the intake's inserts are Core statements. Through the ORM
-    (its bulk INSERT, the session's bookkeeping) they cost twice the CPU, while
-    SQLite's write lock is held (issue 15)."""
-    return cast(sa.Table, model.__table__)
+#: The intake's inserts are Core statements (audit entries here, the rest through
+#: db.insert_ids): through the ORM (its bulk INSERT, the session's bookkeeping) they
+#: cost twice the CPU, while SQLite's write lock is held (issue 15).
+_AUDIT_ENTRIES = cast(sa.Table, AuditEntry.__table__)
 
 
 @dataclass(frozen=True, slots=True)
