@@ -343,6 +343,17 @@ class Member(Base):
             sa.func.lower(email_domain(sa.literal_column("address"))),
             sa.func.lower(sa.literal_column("address")),
         ),
+        # who may post, unsubscribe, bounce scoring: one address on a list, in any case.
+        # Without it each lookup read every member of the list: 14 ms a post at 100,000.
+        # `address` makes it a covering index for SQLite, which otherwise prefers the
+        # unique index above (it covers role and id) and reads the list through it.
+        sa.Index(
+            "ix_members_address",
+            "list_id",
+            sa.func.lower(sa.literal_column("address")),
+            "role",
+            "address",
+        ),
         NO_REUSE,
     )
 

@@ -13,6 +13,7 @@ from conftest import make_list
 from test_queue import _accepted_post, _queue
 
 from listserv import config, lists, members
+from listserv.bounces import score as bounce_score
 from listserv.db import Database
 from listserv.distribute import posts
 from listserv.errors import AlreadyExists, DatabaseError, InvalidAddress, InvalidInput
@@ -30,8 +31,8 @@ from listserv.models import (
 POLICY = config.DeliverySettings(retry_initial=60, retry_factor=2, retry_give_up_after=3600)
 
 
-# SQLite cannot reflect an expression index (ix_members_snapshot): SQLAlchemy and
-# Alembic say so and skip it; PostgreSQL compares it.
+# SQLite cannot reflect an expression index (ix_members_snapshot, ix_members_address):
+# SQLAlchemy and Alembic say so and skip them; PostgreSQL compares them.
 @pytest.mark.filterwarnings("ignore:.*expression-based index")
 def test_migrations_match_the_models(db: Database) -> None:
     with db.engine.connect() as conn:
@@ -85,6 +86,45 @@ def test_members_roles_and_case_insensitive_lookup(db: Database) -> None:
         assert members.roles_of(s, mlist, ["owner@example.org"]) == {Role.OWNER}
         removed, missing = members.remove(s, mlist, ["ann@one.example", "zed@one.example"])
         assert removed == ["ann@one.example"] and missing == ["zed@one.example"]
+
+
+def test_looking_up_one_address_on_a_list_reads_an_index_not_the_list(db: Database) -> None:
+    """Who may post, unsubscribe and bounce scoring ask about one address (any case)
+    on a list: each of their statements is planned on ix_members_address."""
+    address = make_list(db)
+    with db.session() as s:
+        mlist = lists.get(s, address)
+        members.import_csv(
+            s,
+            mlist,
+            b"address\n" + b"".join(b"u%d@d%d.example\n" % (i, i % 50) for i in range(2000)),
+        )
+    if not db.is_sqlite:
+        with db.engine.begin() as conn:
+            conn.exec_driver_sql("ANALYZE members")
+    seen: list[tuple[str, object]] = []
+
+    def capture(_c: object, _cursor: object, statement: str, params: object, *_: object) -> None:
+        if "lower(members.address)" in statement:
+            seen.append((statement, params))
+
+    sa.event.listen(db.engine, "before_cursor_execute", capture)
+    try:
+        with db.session() as s:
+            mlist = lists.get(s, address)
+            assert len(members.rows_for(s, mlist, ["U7@D7.example"])) == 1
+            assert members.roles_of(s, mlist, ["u8@d8.example", "x@y.example"]) == {Role.MEMBER}
+            assert len(bounce_score.member_rows(s, mlist, "U9@d9.example")) == 1
+            assert members.unsubscribe(s, mlist, "u10@D10.example", via="test")
+            assert members.remove(s, mlist, ["u11@d11.example"]) == (["u11@d11.example"], [])
+    finally:
+        sa.event.remove(db.engine, "before_cursor_execute", capture)
+    assert len(seen) >= 5
+    explain = "EXPLAIN QUERY PLAN " if db.is_sqlite else "EXPLAIN "
+    with db.engine.connect() as conn:
+        for statement, params in seen:
+            plan = " ".join(str(r) for r in conn.exec_driver_sql(explain + statement, params))  # type: ignore[arg-type]
+            assert "ix_members_address" in plan, (statement, plan)
 
 
 def test_csv_import_reports_rows_and_is_all_or_nothing_on_fatal_errors(db: Database) -> None:
