@@ -254,15 +254,20 @@ class PendingPost:
     open_recipients: int
 
 
+#: built once: building the statement and its cache key was half of a lookup that
+#: every post and command makes (0.47 ms against 0.25 ms on SQLite, issue 15)
+_BY_KEY = sa.select(MailingList).where(
+    MailingList.local_part == sa.bindparam("name"), MailingList.domain == sa.bindparam("domain")
+)
+
+
 def find(session: Session, address: str) -> MailingList | None:
     """The list an address names, in any case and in U-label or A-label form."""
     try:
         name, domain = addresses.list_key(address)
     except InvalidAddress:
         return None
-    return session.scalar(
-        sa.select(MailingList).where(MailingList.local_part == name, MailingList.domain == domain)
-    )
+    return session.scalar(_BY_KEY, {"name": name, "domain": domain})
 
 
 def check_text(key: str, value: str) -> str:

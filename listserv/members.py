@@ -245,18 +245,19 @@ def roles_of(session: Session, mlist: MailingList, addrs: Iterable[str]) -> set[
     return set(rows)
 
 
+#: built once, as lists.find's: every post asks it (0.50 ms against 0.24 ms, issue 15)
+_ROWS_FOR = sa.select(Member).where(
+    Member.list_id == sa.bindparam("list_id"),
+    sa.func.lower(Member.address).in_(sa.bindparam("lowered", expanding=True)),
+)
+
+
 def rows_for(session: Session, mlist: MailingList, addrs: Iterable[str]) -> list[Member]:
     """Every row these addresses hold on the list (case-insensitive match)."""
-    lowered = {a.lower() for a in addrs}
+    lowered = sorted({a.lower() for a in addrs})
     if not lowered:
         return []
-    return list(
-        session.scalars(
-            sa.select(Member).where(
-                Member.list_id == mlist.id, sa.func.lower(Member.address).in_(lowered)
-            )
-        )
-    )
+    return list(session.scalars(_ROWS_FOR, {"list_id": mlist.id, "lowered": lowered}))
 
 
 def recipient_count(session: Session, list_ids: Iterable[int]) -> int:
