@@ -21,7 +21,7 @@ from test_queue import POLICY, _accepted_post, _delivered, _done
 
 from listserv import lists, members
 from listserv.db import Database
-from listserv.distribute import batches, dispatcher, posts, prepare, status
+from listserv.distribute import batches, dispatcher, posts, prepare, scheduler, status
 from listserv.models import Delivery, DeliveryBatch, DeliveryMode, Post, PostState
 
 LEASE = timedelta(minutes=5)
@@ -392,3 +392,37 @@ def test_a_post_whose_first_chunk_fails_is_started_and_its_snapshot_goes_on(
         assert not chunk.lost
     assert sorted(_addresses(db, post_id)) == sorted(MEMBERS)
     assert _post(db, post_id).recipient_count == len(MEMBERS)
+
+
+async def test_a_backlog_of_new_posts_does_not_hold_up_an_open_snapshot(
+    db: Database, db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # while a snapshot is open the scheduler starts new posts for START_SLICE at most
+    # before its next chunk; with no slice, the first chunk was followed by every post of
+    # the backlog (20 a round, each about 10 ms, far more under load) before the second
+    monkeypatch.setattr(scheduler, "START_SLICE", 0.0)  # one new post, then a chunk
+    _, big = _list_with(db, MEMBERS)
+    small = make_list(db, "small@lists.example.org", members_=["s@d0.example"])
+    smalls = [_accepted_post(db, small) for _ in range(8)]
+    settings = settings_for(db_url, free_port(), tmp_path, delivery__snapshot_chunk=3)
+    stop, wake = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(
+        scheduler.run(db, settings, wake=wake, stop=stop, on_queued=lambda: None, worker="w1")
+    )
+    try:
+        for _ in range(500):
+            with db.reading() as s:
+                states = s.execute(sa.select(Post.state, Post.snapshotting)).all()
+            if all(state is PostState.SENDING and not snap for state, snap in states):
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        stop.set()
+        await task
+    with db.reading() as s:
+        rows = s.execute(sa.select(Delivery.id, Delivery.post_id)).all()
+    assert sorted(p for _, p in rows) == sorted([big] * len(MEMBERS) + smalls)
+    last_of_big = max(i for i, p in rows if p == big)
+    # the big post's 15 members, three a chunk, were all written before the last small
+    # posts of the backlog were started
+    assert sum(1 for i, p in rows if p != big and i > last_of_big) >= 2

@@ -4,7 +4,10 @@ and write the recipients of members' posts a chunk at a time.
 Each round starts the accepted posts (each with its first chunk, so its first
 batches go out at once), then writes one more chunk of every snapshot this
 scheduler has open: a small post arriving during a million-member snapshot waits
-for one chunk (about 50 ms), not for the whole snapshot. Open snapshots nobody
+for one chunk (about 50 ms), not for the whole snapshot. While snapshots are open
+a round starts new posts for `START_SLICE` seconds at most, so a backlog of
+accepted posts (hundreds after a burst) does not hold a big post's snapshot, and
+so its delivery, to one chunk every few seconds. Open snapshots nobody
 writes any more (their daemon was killed, or let them go at a stop) are taken
 over every `ADOPT_EVERY` seconds and resumed from their cursor; at a stop this
 scheduler lets go of its own, so another daemon resumes them at once.
@@ -28,6 +31,8 @@ log = logging.getLogger("listserv.scheduler")
 
 #: how often open snapshots of other workers are checked for a dead owner (seconds)
 ADOPT_EVERY = 5.0
+#: seconds a round spends starting new posts, at least one, while snapshots are open
+START_SLICE = 0.1
 
 
 @dataclass
@@ -93,8 +98,9 @@ async def _queue_accepted(
 ) -> bool:
     post_ids = await asyncio.to_thread(_accepted, db)
     progressed = False
+    deadline = time.monotonic() + START_SLICE
     for post_id in post_ids:
-        if stop.is_set():
+        if stop.is_set() or (progressed and open_ and time.monotonic() >= deadline):
             break
         started = time.perf_counter()
         queued = await asyncio.to_thread(prepare.start_post, db, settings, post_id, worker=me)
