@@ -214,10 +214,9 @@ def import_(app: App, address: str, file: BinaryIO) -> None:
     Example:
       listserv members import staff@lists.example.org people.csv
     """
-    data = file.read()
     with app.db.session() as session:
         mlist = store.get(session, address)
-        report = roster.import_csv(session, mlist, data)
+        report = roster.import_csv(session, mlist, file)
     click.echo(
         f"added {report.added}, skipped {len(report.skipped)}, invalid {len(report.invalid)}"
     )
