@@ -222,7 +222,11 @@ def main() -> None:
     )
     parser.add_argument("--workers", type=int, default=0, help="serve --workers K")
     parser.add_argument("--listeners", type=int, default=1, help="serve --listeners K")
-    parser.add_argument("--database", default="", help="a database URL (default: SQLite)")
+    parser.add_argument(
+        "--database",
+        default="",
+        help="an empty database's URL: the run creates its lists there (default: SQLite)",
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="listserv-inbound-"))
     kind = "smtp-sink" if shutil.which("smtp-sink") else "python"
