@@ -58,6 +58,8 @@ def member_address(mlist: MailingList, address: str) -> str:
 
 #: rows an import checks and inserts at a time
 IMPORT_CHUNK = 5000
+#: bytes of the file an import reads at a time
+READ_BLOCK = 1 << 16
 
 _PRESENT = sa.select(sa.func.lower(Member.address), Member.role).where(
     Member.list_id == sa.bindparam("list_id"),
@@ -357,12 +359,31 @@ def import_csv(
 
 
 def _utf8_lines(stream: BinaryIO) -> Iterator[str]:
-    """The file's lines, decoded one at a time (csv reads them as they come)."""
-    for number, raw in enumerate(stream, 1):
-        try:
-            yield raw.decode("utf-8-sig" if number == 1 else "utf-8")
-        except UnicodeDecodeError as exc:
-            raise InvalidInput(f"line {number}: not UTF-8 text (byte {exc.start + 1})") from None
+    """The file's lines with their endings (CRLF, LF, or CR alone, as Excel for Mac
+    writes), decoded one at a time: csv reads them as they come, and a byte that is
+    not UTF-8 is reported with its line."""
+    number = 0
+    carry = b""
+    pending: list[bytes] = []  # blocks of a line longer than a block, joined once
+    while True:
+        block = stream.read(READ_BLOCK)
+        if block and b"\n" not in block and b"\r" not in block:
+            pending.append(block)
+            continue
+        lines = b"".join([carry, *pending, block]).splitlines(keepends=True)
+        pending = []
+        # the last line may go on in the next block, and a CR there may have its LF
+        carry = lines.pop() if block and lines and not lines[-1].endswith(b"\n") else b""
+        for raw in lines:
+            number += 1
+            try:
+                yield raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise InvalidInput(
+                    f"line {number}: not UTF-8 text (byte {exc.start + 1})"
+                ) from None
+        if not block:
+            return
 
 
 def _import_chunk(

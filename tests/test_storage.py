@@ -203,6 +203,33 @@ def test_an_import_failing_after_some_chunks_writes_nothing(
         assert [m.role for m in members.roster(s, lists.get(s, address))] == [Role.OWNER]
 
 
+@pytest.mark.parametrize("block", [3, 7, 1 << 16])
+def test_an_import_reads_lf_crlf_and_cr_alone_across_read_blocks(
+    db: Database, monkeypatch: pytest.MonkeyPatch, block: int
+) -> None:
+    # the file is read a block at a time: a CRLF or a line may be split between two
+    # blocks, and Excel for Mac ends lines with a CR alone
+    monkeypatch.setattr(members, "READ_BLOCK", block)
+    address = make_list(db)
+    data = (
+        b"\xef\xbb\xbfaddress,name\r\n"
+        b"a@one.example,Ann\r"
+        b'b@one.example,"Bob, Jr"\n'
+        b'c@one.example,"Cat\r\nCo"\r\n'  # a quoted line break: still one row
+        b"not an address\r"
+        b"d@one.example," + b"D" * 40 + b"\n"
+        b"\xc3\xa9@one.example"  # the last line has no ending
+    )
+    with db.session() as s:
+        report = members.import_csv(s, lists.get(s, address), io.BytesIO(data))
+    assert report.added == 5 and [line for line, _ in report.invalid] == [6]
+    with db.reading() as s:
+        names = {m.address: m.display_name for m in members.roster(s, lists.get(s, address))}
+    assert names["a@one.example"] == "Ann" and names["b@one.example"] == "Bob, Jr"
+    assert names["c@one.example"] == "Cat\r\nCo" and names["d@one.example"] == "D" * 40
+    assert "é@one.example" in names
+
+
 # -- input is refused where it enters ------------------------------------------------------
 
 
