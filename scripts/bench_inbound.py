@@ -145,7 +145,7 @@ class FanoutLoop:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stops posting; returns once the current fan-out has gone out."""
+        """Stops posting (the fan-out going out goes on, unwatched)."""
         self._stop.set()
         self._thread.join()
 
@@ -165,7 +165,7 @@ class FanoutLoop:
                     _, reply = client.data(self.message)
                 post_id = int(reply.decode().rsplit(" ", 1)[1])
                 self.posts.append(post_id)
-                while True:
+                while not self._stop.is_set():
                     with db.reading() as session:
                         post = session.get(Post, post_id)
                         if post is not None and post.state is PostState.SENT:
