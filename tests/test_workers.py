@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import aiosmtplib
+import sqlalchemy as sa
 from conftest import make_list, message
 from sink import Sink
 from test_crash import SENDER, free_port, serve_args, wait_for_port, wait_until_sent
@@ -19,6 +20,7 @@ from test_crash import SENDER, free_port, serve_args, wait_for_port, wait_until_
 from listserv.config import DeliverySettings
 from listserv.db import Database
 from listserv.distribute import dispatcher
+from listserv.models import DeliveryBatch
 
 MANY = [f"user{i:05d}@d{i % 20}.example" for i in range(20000)]
 BATCH_LINE = re.compile(r"listserv\.dispatcher\[(\d+)\]: post \d+ batch \d+ .*batch done")
@@ -46,6 +48,28 @@ async def wait_for_children(pid: int, n: int, timeout: float = 30) -> list[int]:
         assert loop.time() < deadline, f"{len(kids)} of {n} workers started"
         await asyncio.sleep(0.05)
     return kids
+
+
+async def wait_for_lease_owners(db_url: str, pids: set[int], timeout: float) -> set[int]:
+    """Wait until each of these worker processes has held a batch's lease; returns
+    the pids seen. A worker's id is host:pid:tag (liveness.worker_id)."""
+    db = Database(db_url)
+    seen: set[int] = set()
+    deadline = asyncio.get_running_loop().time() + timeout
+    try:
+        while not pids <= seen:
+            assert asyncio.get_running_loop().time() < deadline, f"only {seen} of {pids} leased"
+            with db.reading() as session:
+                owners = session.scalars(
+                    sa.select(DeliveryBatch.lease_owner)
+                    .where(DeliveryBatch.lease_owner.is_not(None))
+                    .distinct()
+                )
+                seen |= {int(owner.split(":")[1]) for owner in owners if owner}
+            await asyncio.sleep(0.01)
+    finally:
+        db.dispose()
+    return seen & pids
 
 
 async def test_two_workers_share_a_post_and_a_killed_one_loses_nothing(
@@ -89,6 +113,9 @@ async def test_two_workers_share_a_post_and_a_killed_one_loses_nothing(
             port=port,
             timeout=10,
         )
+        # both workers have leased batches (a worker logs a batch only once its round
+        # records it: the first could be killed before it logged any) and some went out
+        took_part = await wait_for_lease_owners(db_url, {first, second}, timeout=60)
         await sink.wait_for_messages(10, timeout=60)
         os.kill(first, signal.SIGKILL)
         await sink.wait_for_recipients(len(MANY), timeout=120)
@@ -103,7 +130,8 @@ async def test_two_workers_share_a_post_and_a_killed_one_loses_nothing(
     # at-least-once: only the batches the killed worker held (4 connections) may come twice
     held = dispatcher.LEASED_PER_CONNECTION * DeliverySettings().max_connections * 250
     assert sum(counts.values()) - len(MANY) <= held
+    assert took_part == {first, second}
     pids = Counter(BATCH_LINE.findall(err))
-    assert str(second) in pids and len(pids) >= 2, pids  # both workers sent batches
+    assert str(second) in pids, pids  # the survivor sent batches, its own and the dead one's
     assert replacement, "the killed worker was not replaced"
     assert "delivery worker 0 exited" in err or "delivery worker 1 exited" in err
