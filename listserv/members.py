@@ -61,22 +61,30 @@ IMPORT_CHUNK = 5000
 #: bytes of the file an import reads at a time
 READ_BLOCK = 1 << 16
 
-_PRESENT = sa.select(sa.func.lower(Member.address), Member.role).where(
+#: `list_id` and lower-cased addresses `lowered` (bound per call): the rows these
+#: addresses hold on a list, through ix_members_address. Statements built once, as
+#: lists.find's: every post asks one (0.50 ms against 0.24 ms, issue 15)
+_ON_LIST = sa.and_(
     Member.list_id == sa.bindparam("list_id"),
     sa.func.lower(Member.address).in_(sa.bindparam("lowered", expanding=True)),
 )
+_PRESENT = sa.select(sa.func.lower(Member.address), Member.role).where(_ON_LIST)
+_ROLES_OF = sa.select(Member.role).where(_ON_LIST)
+_ROWS_FOR = sa.select(Member).where(_ON_LIST)
 
 
 def _present(
     session: Session, mlist: MailingList, lowered: Collection[str]
 ) -> set[tuple[str, Role]]:
-    """(lower-case address, role) of those of `lowered` already on the list."""
-    if not lowered:
-        return set()
-    return {
-        (a, r)
-        for a, r in session.execute(_PRESENT, {"list_id": mlist.id, "lowered": sorted(lowered)})
-    }
+    """(lower-case address, role) of those of `lowered` already on the list, asked
+    IMPORT_CHUNK addresses at a time."""
+    ordered = sorted(lowered)
+    found: set[tuple[str, Role]] = set()
+    for start in range(0, len(ordered), IMPORT_CHUNK):
+        chunk = ordered[start : start + IMPORT_CHUNK]
+        rows = session.execute(_PRESENT, {"list_id": mlist.id, "lowered": chunk})
+        found.update((address, role) for address, role in rows)
+    return found
 
 
 def add(
@@ -100,10 +108,7 @@ def add(
     """
     _check_flags(role, moderation, emergency)
     normalized = [member_address(mlist, a) for a in addrs]
-    existing: set[tuple[str, Role]] = set()
-    for start in range(0, len(normalized), IMPORT_CHUNK):
-        chunk = {a.lower() for a in normalized[start : start + IMPORT_CHUNK]}
-        existing |= _present(session, mlist, chunk)
+    existing = _present(session, mlist, {a.lower() for a in normalized})
     added: list[str] = []
     skipped: list[str] = []
     for addr in normalized:
@@ -260,19 +265,7 @@ def roles_of(session: Session, mlist: MailingList, addrs: Iterable[str]) -> set[
     lowered = {a.lower() for a in addrs}
     if not lowered:
         return set()
-    rows = session.scalars(
-        sa.select(Member.role).where(
-            Member.list_id == mlist.id, sa.func.lower(Member.address).in_(lowered)
-        )
-    )
-    return set(rows)
-
-
-#: built once, as lists.find's: every post asks it (0.50 ms against 0.24 ms, issue 15)
-_ROWS_FOR = sa.select(Member).where(
-    Member.list_id == sa.bindparam("list_id"),
-    sa.func.lower(Member.address).in_(sa.bindparam("lowered", expanding=True)),
-)
+    return set(session.scalars(_ROLES_OF, {"list_id": mlist.id, "lowered": sorted(lowered)}))
 
 
 def rows_for(session: Session, mlist: MailingList, addrs: Iterable[str]) -> list[Member]:
